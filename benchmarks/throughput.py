@@ -1,0 +1,137 @@
+"""Training steps per second of each script next to the env-only ceiling, measured in the same run.
+
+The ceiling steps the same wrapped envs (same num_envs, same pool auto-reset as training) with random legal
+actions and nothing else; training can only approach it. Both exclude compilation and run jitted, with one host
+sync per iteration like the scripts' own loop.
+
+    python benchmarks/throughput.py                       # all scripts, the three tasks, 16 envs
+    python benchmarks/throughput.py --scripts mappo --env-ids rware-tiny-4ag --iterations 20
+"""
+
+import argparse
+import csv
+import importlib
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def env_only_sps(module, env, num_envs, num_steps, iterations):
+    """Random legal actions through the script's own wrapper and pool auto-reset."""
+
+    def rollout(carry, key):
+        def step(carry, key):
+            state, mask, pool, resets = carry
+            actions = jax.random.categorical(key, jnp.where(mask, 0.0, -1e9)).astype(jnp.int32)
+            state, obs, mask, _, term, trunc, _ = jax.vmap(env.step)(state, actions)
+            done = term | trunc
+            pick = (jnp.arange(num_envs) + resets) % num_envs
+            fresh = jax.tree.map(lambda x: x[pick], pool)
+            state, mask = jax.tree.map(
+                lambda new, old: jnp.where(done.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
+                (fresh[0], fresh[2]),
+                (state, mask),
+            )
+            return (state, mask, pool, resets + done), None
+
+        state, mask = carry
+        pool_key, key = jax.random.split(key)
+        pool = jax.vmap(env.reset)(jax.random.split(pool_key, num_envs))
+        zeros = jnp.zeros(num_envs, jnp.int32)
+        (state, mask, _, _), _ = jax.lax.scan(
+            step, (state, mask, pool, zeros), jax.random.split(key, num_steps)
+        )
+        return (state, mask), state.step_count.sum()
+
+    state, _, mask = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), num_envs))
+    run = jax.jit(rollout).lower((state, mask), jax.random.PRNGKey(1)).compile()
+    carry, out = run((state, mask), jax.random.PRNGKey(1))
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for i in range(iterations):
+        carry, out = run(carry, jax.random.PRNGKey(i + 2))
+        out.item()  # one host sync per iteration, like the training loop
+    return iterations * num_envs * num_steps / (time.perf_counter() - start)
+
+
+def training_sps(module, args, iterations):
+    """The script's own jitted update step (rollout + GAE + PPO epochs), vmapped over one seed as in main()."""
+    env = module.make_env(args.env_id, args.num_agents)
+    network = module.build_network(args, env)
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.learning_rate, eps=1e-5))
+    keys = jax.vmap(jax.random.PRNGKey)(args.seed + jnp.arange(1))
+    runners = jax.jit(jax.vmap(module.make_init_runner(args, env, network, tx)))(keys)
+    t0 = time.perf_counter()
+    update = jax.jit(jax.vmap(module.make_update_step(args, env, network, tx))).lower(runners).compile()
+    compile_s = time.perf_counter() - t0
+    runners, metrics = update(runners)  # warm-up
+    jax.device_get(metrics)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        runners, metrics = update(runners)
+        jax.device_get(metrics)
+    sps = iterations * args.num_envs * args.num_steps / (time.perf_counter() - start)
+    return env, sps, compile_s
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scripts", nargs="+", default=["mappo", "mat_ppo", "mam_ppo"])
+    parser.add_argument(
+        "--env-ids", nargs="+", default=["rware-tiny-4ag", "lbf-8x8-2p-2f-coop", "con-5x5x3a"]
+    )
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=10, help="timed iterations after one warm-up")
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "throughput_cpu.csv")
+    )
+    opts = parser.parse_args()
+
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}"
+    )
+    print(f"machine: {machine}; jax {jax.__version__}; {opts.num_envs} envs; {opts.iterations} iterations")
+    rows = []
+    for env_id in opts.env_ids:
+        ceiling = None
+        for name in opts.scripts:
+            try:
+                module = importlib.import_module(name)
+            except ModuleNotFoundError:
+                print(f"skip {name}: not found")
+                continue
+            args = replace(module.Args(), env_id=env_id, num_envs=opts.num_envs)
+            env, sps, compile_s = training_sps(module, args, opts.iterations)
+            if ceiling is None:  # the same wrapper in every script: measure the ceiling once per env
+                ceiling = env_only_sps(module, env, opts.num_envs, args.num_steps, opts.iterations)
+            row = dict(env_id=env_id, script=name, num_envs=opts.num_envs, num_steps=args.num_steps,
+                       train_sps=round(sps), env_only_sps=round(ceiling), ratio=round(sps / ceiling, 3),
+                       compile_s=round(compile_s, 1), machine=machine)  # fmt: skip
+            print(row, flush=True)
+            rows.append(row)
+
+    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
+    with open(opts.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print("\n| env | script | train SPS | env-only SPS | ratio | compile s |\n|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['env_id']} | {r['script']} | {r['train_sps']} | {r['env_only_sps']} | {r['ratio']:.2f} | {r['compile_s']} |"
+        )
+    print(f"saved {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
