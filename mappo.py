@@ -280,6 +280,11 @@ def get_value(network, params, obs, action_mask):
     return network.apply(params, obs, action_mask)[1]
 
 
+def init_params(network, key, env):
+    obs = jnp.zeros((1, env.num_agents, env.obs_dim))
+    return network.init(key, obs, jnp.ones((1, env.num_agents, env.action_dim), bool))
+
+
 def build_network(args, env):
     return MAPPONetwork(action_dim=env.action_dim, hidden_dim=args.hidden_dim)
 
@@ -486,11 +491,6 @@ def make_evaluate(args, env, network):
         }
 
     return evaluate
-
-
-def init_params(network, key, env):
-    obs = jnp.zeros((1, env.num_agents, env.obs_dim))
-    return network.init(key, obs, jnp.ones((1, env.num_agents, env.action_dim), bool))
 
 
 def make_init_runner(args, env, network, tx):

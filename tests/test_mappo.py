@@ -3,7 +3,6 @@ and a learning test."""
 
 import numpy as np
 import pytest
-from conftest import read_summary, run_dirs
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -118,18 +117,3 @@ def test_connector_views():
     assert (planes[..., 1].sum((1, 2)) == 1).all()  # each agent sees exactly one own position
     assert (planes[..., 2].sum((1, 2)) == 1).all()  # and one own target
     assert (planes[..., 4].sum((1, 2)) == env.num_agents - 1).all()  # and the others' positions
-
-
-def test_learning_beats_random(run_script, tmp_path):
-    """lbf-8x8-2p-2f-coop: random play scores ~0.02 per episode. After 200k steps MAPPO's sampled policy eats
-    nearly all the food (training return ~1.0); its greedy policy is weaker (~0.4: greedy agents can wait on each
-    other forever at a cooperative food item) but still far above random."""
-    env = mappo.make_env("lbf-8x8-2p-2f-coop")
-    reward, *_ = random_rollout(env, env.time_limit, batch=64)
-    random_return = float(np.asarray(reward).sum(0).mean())
-    flags = ["--env-id", "lbf-8x8-2p-2f-coop", "--total-timesteps", "200000", "--num-seeds", "2"]
-    out = run_script("mappo.py", *flags)
-    assert out.returncode == 0, out.stderr
-    trained = np.mean(read_summary(run_dirs(tmp_path)[0])["eval/episodic_return"])
-    print(f"lbf-8x8-2p-2f-coop greedy return: trained {trained:.3f}, random {random_return:.3f}")
-    assert trained > max(0.2, 10 * random_return)
