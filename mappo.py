@@ -501,11 +501,17 @@ def make_init_runner(args, env, network, tx):
         )
         state, obs, mask = jax.vmap(env.reset)(jax.random.split(env_key, args.num_envs))
         zeros = jnp.zeros(args.num_envs)
-        return Runner(
-            train_state, state, obs, mask, zeros, zeros.astype(jnp.int32), zeros.astype(jnp.int32), key
-        )
+        int_zeros = zeros.astype(jnp.int32)
+        return Runner(train_state, state, obs, mask, zeros, int_zeros, int_zeros, key)
 
     return init_runner
+
+
+def init_runners(args, env, network, tx, keys):
+    """One runner per seed, stacked on a leading seed axis. The seeds are initialised one after another because
+    jit(vmap(init)) of MAT's many orthogonal inits deadlocks XLA:CPU (jax 0.10.2; found with --num-seeds 2)."""
+    init_runner = jax.jit(make_init_runner(args, env, network, tx))
+    return jax.tree.map(lambda *x: jnp.stack(x), *[init_runner(key) for key in keys])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -701,7 +707,7 @@ def main(args):
             json.dump({k: np.asarray(v).tolist() for k, v in results.items()}, f, indent=2)
         return results
 
-    runners = jax.jit(jax.vmap(make_init_runner(args, env, network, tx)))(keys)
+    runners = init_runners(args, env, network, tx, keys)
     update = jax.jit(jax.vmap(make_update_step(args, env, network, tx)))
     t0 = time.time()
     update = update.lower(runners).compile()

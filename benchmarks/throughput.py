@@ -68,7 +68,7 @@ def training_sps(module, args, iterations):
     network = module.build_network(args, env)
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.learning_rate, eps=1e-5))
     keys = jax.vmap(jax.random.PRNGKey)(args.seed + jnp.arange(1))
-    runners = jax.jit(jax.vmap(module.make_init_runner(args, env, network, tx)))(keys)
+    runners = module.init_runners(args, env, network, tx, keys)
     t0 = time.perf_counter()
     update = jax.jit(jax.vmap(module.make_update_step(args, env, network, tx))).lower(runners).compile()
     compile_s = time.perf_counter() - t0

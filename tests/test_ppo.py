@@ -20,7 +20,7 @@ def one_update(module, tx, seeds, perturb=False, **overrides):
     env = module.make_env(args.env_id)
     network = module.build_network(args, env)
     keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds))
-    runners = jax.vmap(module.make_init_runner(args, env, network, tx))(keys)
+    runners = module.init_runners(args, env, network, tx, keys)
     if perturb:  # O(1) weights: at init (gains 0.01) MAT's logits barely depend on the other agents' actions
         params = runners.train_state.params
         leaves, tree = jax.tree.flatten(params)
