@@ -250,11 +250,12 @@ def make_env(env_id, num_agents=None):
     return Env(env, family, n, obs_dim, a, time_limit)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Network: Multi-Agent Transformer (Wen et al. 2022). Shapes: B envs, N agents, O obs, A actions, D = n_embd.
+# ----------------------------------------------------------------------------------------------------------
+# Network
+# ----------------------------------------------------------------------------------------------------------
+# Multi-Agent Transformer (Wen et al. 2022). Shapes: B envs, N agents, O obs, A actions, D = n_embd.
 # Training decodes all agents at once (teacher forcing, causal masks); `act` decodes one agent at a time inside
 # lax.scan, either with a KV cache (O(N) per agent) or by re-running the whole decoder (the paper's, O(N^2)).
-# ---------------------------------------------------------------------------------------------------------------
 def dense(features, gain, use_bias=True):
     # MAT's init: orthogonal weights, zero biases; gain sqrt(2) before a GELU, 0.01 on residual-branch outputs
     return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.orthogonal(gain))

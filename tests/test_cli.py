@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import read_metrics, read_summary, run_dirs
 
-SCRIPTS = ["mappo.py", "mat_ppo.py"]
+SCRIPTS = ["mappo.py", "mat_ppo.py", "mam_ppo.py"]
 TINY = ["--num-envs", "4", "--num-steps", "16", "--total-timesteps", "128", "--eval-episodes", "2"]
 
 

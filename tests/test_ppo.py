@@ -10,7 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-CASES = [("mappo", {}), ("mat_ppo", {"decode": "cache"}), ("mat_ppo", {"decode": "recompute"})]
+CASES = [
+    ("mappo", {}),
+    ("mat_ppo", {"decode": "cache"}),
+    ("mat_ppo", {"decode": "recompute"}),
+    ("mam_ppo", {}),
+]
 
 
 def one_update(module, tx, seeds, perturb=False, **overrides):
