@@ -29,9 +29,10 @@ def env_only_sps(module, env, num_envs, num_steps, iterations):
 
     def rollout(carry, key):
         def step(carry, key):
-            state, mask, pool, resets = carry
+            state, mask, pool, resets, checksum = carry
             actions = jax.random.categorical(key, jnp.where(mask, 0.0, -1e9)).astype(jnp.int32)
             state, obs, mask, _, term, trunc, _ = jax.vmap(env.step)(state, actions)
+            checksum = checksum + obs.sum()  # the observations are used: XLA may not skip computing them
             done = term | trunc
             pick = (jnp.arange(num_envs) + resets) % num_envs
             fresh = jax.tree.map(lambda x: x[pick], pool)
@@ -40,16 +41,15 @@ def env_only_sps(module, env, num_envs, num_steps, iterations):
                 (fresh[0], fresh[2]),
                 (state, mask),
             )
-            return (state, mask, pool, resets + done), None
+            return (state, mask, pool, resets + done, checksum), None
 
         state, mask = carry
         pool_key, key = jax.random.split(key)
         pool = jax.vmap(env.reset)(jax.random.split(pool_key, num_envs))
         zeros = jnp.zeros(num_envs, jnp.int32)
-        (state, mask, _, _), _ = jax.lax.scan(
-            step, (state, mask, pool, zeros), jax.random.split(key, num_steps)
-        )
-        return (state, mask), state.step_count.sum()
+        init = (state, mask, pool, zeros, jnp.float32(0))
+        (state, mask, _, _, checksum), _ = jax.lax.scan(step, init, jax.random.split(key, num_steps))
+        return (state, mask), checksum
 
     state, _, mask = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), num_envs))
     run = jax.jit(rollout).lower((state, mask), jax.random.PRNGKey(1)).compile()
@@ -70,7 +70,9 @@ def training_sps(module, args, iterations):
     keys = jax.vmap(jax.random.PRNGKey)(args.seed + jnp.arange(1))
     runners = module.init_runners(args, env, network, tx, keys)
     t0 = time.perf_counter()
-    update = jax.jit(jax.vmap(module.make_update_step(args, env, network, tx))).lower(runners).compile()
+    update = (
+        jax.jit(module.over_seeds(module.make_update_step(args, env, network, tx))).lower(runners).compile()
+    )
     compile_s = time.perf_counter() - t0
     runners, metrics = update(runners)  # warm-up
     jax.device_get(metrics)

@@ -34,7 +34,7 @@ def one_update(module, tx, seeds, perturb=False, **overrides):
         runners = runners._replace(
             train_state=runners.train_state.replace(params=jax.tree.unflatten(tree, leaves))
         )
-    return jax.jit(jax.vmap(module.make_update_step(args, env, network, tx)))(runners)
+    return jax.jit(module.over_seeds(module.make_update_step(args, env, network, tx)))(runners)
 
 
 @pytest.mark.parametrize(
