@@ -987,6 +987,7 @@ def main(args):
     with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a complete run
         json.dump(summary, f, indent=2)
     print(
+        f"trained: episodic_return={fmt(metrics['charts/episodic_return'])} (sampled actions, last iteration), "
         f"eval/episodic_return={fmt(results['eval/episodic_return'])} (greedy, {args.eval_episodes} episodes per seed)"
     )
     return results
