@@ -30,6 +30,8 @@ import numpy as np
 import optax
 import tyro
 from flax.training.train_state import TrainState
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from selective_scan import selective_scan, selective_scan_step
 
@@ -42,6 +44,8 @@ class Args:
     """seed of the experiment (seed k of --num-seeds K uses seed + k)"""
     num_seeds: int = 1
     """number of independent seeds trained in parallel in one process (vmap)"""
+    num_devices: int = 0
+    """number of devices per process that the envs are split over (0: all local devices); params are replicated"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "multi-agent-mamba"
@@ -566,9 +570,14 @@ def compute_gae(values, next_values, rewards, terminated, truncated, gamma, gae_
     return advantages, advantages + values
 
 
-def make_update_step(args, env, network, tx):
-    """The whole PPO iteration (rollout, GAE, epochs x minibatches) as one pure function of the runner state."""
+def make_update_step(args, env, network, tx, mesh=None):
+    """The whole PPO iteration (rollout, GAE, epochs x minibatches) as one pure function of the runner state.
+    With a device mesh, every minibatch is split over its devices: each computes the gradient of its share and
+    XLA averages them (an all-reduce), so the replicated params stay identical on every device."""
     B, T, M = args.num_envs, args.num_steps, args.num_envs * args.num_steps // args.num_minibatches
+
+    def split(x, spec):  # pin an axis to the mesh's "data" axis (nothing to do on one device)
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     def env_step(carry, _):
         runner, pool = carry
@@ -648,14 +657,18 @@ def make_update_step(args, env, network, tx):
         key, perm_key = jax.random.split(key)
         perm = jax.random.permutation(perm_key, B * T)
         minibatches = jax.tree.map(
-            lambda x: x.reshape((B * T,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:]), data
-        )
+            lambda x: split(
+                x.reshape((B * T,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:]), P(None, "data")
+            ),
+            data,
+        )  # (num_minibatches, M, ...), M split over the devices
         train_state, info = jax.lax.scan(update_minibatch, train_state, minibatches)
         return (train_state, data, key), info
 
     def update_step(runner):
         key, pool_key, perm_key = jax.random.split(runner.key, 3)
         pool = jax.vmap(env.reset)(jax.random.split(pool_key, B))  # fresh start states for this rollout
+        pool = jax.tree.map(lambda x: split(x, P("data")), pool)  # each device resets its own envs
         (runner, _), (traj, episodes) = jax.lax.scan(env_step, (runner._replace(key=key), pool), None, T)
         params = runner.train_state.params
         last_values = get_value(network, params, runner.obs, runner.action_mask)
@@ -737,6 +750,19 @@ def make_init_runner(args, env, network, tx):
     return init_runner
 
 
+def make_mesh(args):
+    """A 1-D mesh over --num-devices devices of every process (host); the env batch is split along "data"."""
+    n = args.num_devices or jax.local_device_count()
+    hosts = [[d for d in jax.devices() if d.process_index == p][:n] for p in range(jax.process_count())]
+    return Mesh(np.array(sum(hosts, [])), ("data",))
+
+
+def runner_shardings(mesh):
+    """Runner fields (K seeds, B envs, ...) live split over the devices on B; train state and key replicated."""
+    split, replicated = NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())
+    return Runner(*(replicated if f in ("train_state", "key") else split for f in Runner._fields))
+
+
 def over_seeds(f):
     """f vmapped over the leading seed axis of its arguments. A single seed skips vmap: a batch axis of size 1
     doubled MAM's update time on XLA:CPU (jax 0.10.2)."""
@@ -787,6 +813,14 @@ def check_args(args):
         env_config(args.env_id, args.num_agents)
     except EnvError as e:
         fail(str(e))
+    local = jax.local_device_count()
+    if not 0 <= args.num_devices <= local:
+        fail(
+            f"--num-devices must be within [0, {local}] (0: all {local} local devices; got {args.num_devices})"
+        )
+    devices = (args.num_devices or local) * jax.process_count()
+    if args.num_envs % devices:
+        fail(f"--num-envs {args.num_envs} is not divisible by the {devices} devices it is split over")
 
 
 def read_checkpoint(path):
@@ -897,7 +931,18 @@ def fmt(values):
     return "n/a" if np.all(np.isnan(values)) else f"{np.nanmean(values):.3f}"
 
 
+def init_distributed():
+    """Multi-host: with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, which
+    JAX reads itself), join the other processes; jax.devices() then lists every host's devices."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        num, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(num_processes=num, process_id=index)
+    elif int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        jax.distributed.initialize()
+
+
 def main(args):
+    init_distributed()
     check_args(args)
     loaded = None
     if args.load_model is not None:
@@ -925,6 +970,8 @@ def main(args):
     evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
 
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if jax.process_count() > 1:  # every host logs the same numbers; keep their folders apart
+        run_name += f"__p{jax.process_index()}"
     run_dir = os.path.join("runs", run_name)
     while os.path.exists(run_dir):
         run_dir += "_"
@@ -949,12 +996,16 @@ def main(args):
             json.dump({k: np.asarray(v).tolist() for k, v in results.items()}, f, indent=2)
         return results
 
-    runners = init_runners(args, env, network, tx, keys)
-    update = jax.jit(over_seeds(make_update_step(args, env, network, tx)))
+    mesh = make_mesh(args)
+    shardings = runner_shardings(mesh)
+    runners = jax.device_put(init_runners(args, env, network, tx, keys), shardings)
+    update_step = over_seeds(make_update_step(args, env, network, tx, mesh))
+    update = jax.jit(update_step, out_shardings=(shardings, NamedSharding(mesh, P())))
     t0 = time.time()
     update = update.lower(runners).compile()
     print(
         f"compiled the update step in {time.time() - t0:.1f} s; {num_iterations} iterations of {batch_size} steps"
+        f" on {mesh.size} device(s)"
     )
 
     start = time.time()

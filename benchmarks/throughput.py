@@ -6,6 +6,9 @@ sync per iteration like the scripts' own loop.
 
     python benchmarks/throughput.py                       # all scripts, the three tasks, 16 envs
     python benchmarks/throughput.py --scripts mappo --env-ids rware-tiny-4ag --iterations 20
+    # data parallelism: the same runs on 1 and on 2 devices (here 2 CPU devices forced onto the one CPU)
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/throughput.py --num-devices 1 2 \
+        --out benchmarks/results/devices_cpu.csv
 """
 
 import argparse
@@ -20,6 +23,8 @@ from dataclasses import replace
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,15 +68,18 @@ def env_only_sps(module, env, num_envs, num_steps, iterations):
 
 
 def training_sps(module, args, iterations):
-    """The script's own jitted update step (rollout + GAE + PPO epochs), vmapped over one seed as in main()."""
+    """The script's own jitted update step (rollout + GAE + PPO epochs) on its device mesh, as in main()."""
     env = module.make_env(args.env_id, args.num_agents)
     network = module.build_network(args, env)
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.learning_rate, eps=1e-5))
     keys = jax.vmap(jax.random.PRNGKey)(args.seed + jnp.arange(1))
-    runners = module.init_runners(args, env, network, tx, keys)
+    mesh = module.make_mesh(args)
+    shardings = module.runner_shardings(mesh)
+    runners = jax.device_put(module.init_runners(args, env, network, tx, keys), shardings)
+    update_step = module.over_seeds(module.make_update_step(args, env, network, tx, mesh))
     t0 = time.perf_counter()
     update = (
-        jax.jit(module.over_seeds(module.make_update_step(args, env, network, tx))).lower(runners).compile()
+        jax.jit(update_step, out_shardings=(shardings, NamedSharding(mesh, P()))).lower(runners).compile()
     )
     compile_s = time.perf_counter() - t0
     runners, metrics = update(runners)  # warm-up
@@ -93,6 +101,7 @@ def main():
         "--env-ids", nargs="+", default=["rware-tiny-4ag", "lbf-8x8-2p-2f-coop", "con-5x5x3a"]
     )
     parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--num-devices", type=int, nargs="+", default=[1], help="device counts to train on")
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations after one warm-up")
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "throughput_cpu.csv")
@@ -103,34 +112,37 @@ def main():
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}"
     )
     print(f"machine: {machine}; jax {jax.__version__}; {opts.num_envs} envs; {opts.iterations} iterations")
+    if max(opts.num_devices) > jax.local_device_count() or opts.num_envs % max(opts.num_devices):
+        sys.exit(
+            f"error: --num-devices {opts.num_devices}: {jax.local_device_count()} devices here, {opts.num_envs} envs"
+        )
     rows = []
     for env_id in opts.env_ids:
         ceiling = None
         for name in opts.scripts:
-            try:
-                module = importlib.import_module(name)
-            except ModuleNotFoundError:
-                print(f"skip {name}: not found")
-                continue
-            args = replace(module.Args(), env_id=env_id, num_envs=opts.num_envs)
-            env, sps, compile_s = training_sps(module, args, opts.iterations)
-            if ceiling is None:  # the same wrapper in every script: measure the ceiling once per env
-                ceiling = env_only_sps(module, env, opts.num_envs, args.num_steps, opts.iterations)
-            row = dict(env_id=env_id, script=name, num_envs=opts.num_envs, num_steps=args.num_steps,
-                       train_sps=round(sps), env_only_sps=round(ceiling), ratio=round(sps / ceiling, 3),
-                       compile_s=round(compile_s, 1), machine=machine)  # fmt: skip
-            print(row, flush=True)
-            rows.append(row)
+            module = importlib.import_module(name)
+            for num_devices in opts.num_devices:
+                args = replace(module.Args(), env_id=env_id, num_envs=opts.num_envs, num_devices=num_devices)
+                env, sps, compile_s = training_sps(module, args, opts.iterations)
+                if ceiling is None:  # the same wrapper in every script: measure the ceiling once per env
+                    ceiling = env_only_sps(module, env, opts.num_envs, args.num_steps, opts.iterations)
+                row = dict(env_id=env_id, script=name, num_devices=num_devices, num_envs=opts.num_envs,
+                           num_steps=args.num_steps, train_sps=round(sps), env_only_sps=round(ceiling),
+                           ratio=round(sps / ceiling, 3), compile_s=round(compile_s, 1), machine=machine)  # fmt: skip
+                print(row, flush=True)
+                rows.append(row)
 
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)
     with open(opts.out, "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print("\n| env | script | train SPS | env-only SPS | ratio | compile s |\n|---|---|---:|---:|---:|---:|")
+    print("\n| env | script | devices | train SPS | env-only SPS | ratio | compile s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['env_id']} | {r['script']} | {r['train_sps']} | {r['env_only_sps']} | {r['ratio']:.2f} | {r['compile_s']} |"
+            f"| {r['env_id']} | {r['script']} | {r['num_devices']} | {r['train_sps']} | {r['env_only_sps']} "
+            f"| {r['ratio']:.3f} | {r['compile_s']} |"
         )
     print(f"saved {opts.out}")
 
