@@ -25,7 +25,6 @@ import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import jumanji
 import numpy as np
 import optax
 import tyro
@@ -243,6 +242,8 @@ class Env(NamedTuple):
 
 
 def make_env(env_id, num_agents=None):
+    import jumanji  # here, not at the top: importing it starts XLA, which jax.distributed.initialize() must precede
+
     family, kw, time_limit = env_config(env_id, num_agents)
     if family == "rware":
         from jumanji.environments.routing.robot_warehouse.generator import RandomGenerator

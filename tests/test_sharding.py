@@ -2,8 +2,10 @@
 imported, so each check runs in a subprocess): params identical on every device after training, the same
 first-iteration losses on 1 and 2 devices, the CLI flag, and the divisibility error."""
 
+import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +87,42 @@ def test_cli_num_devices(script, tmp_path):
     assert "Traceback" not in bad.stderr
     bad = run(base + ["--num-devices", "3"], cwd=tmp_path)
     assert bad.returncode == 2 and "--num-devices must be within [0, 2]" in bad.stderr
+
+
+def test_two_processes(tmp_path):
+    """Multi-host, played by two local processes of one CPU device each (JAX's coordinator + gloo): they train
+    as one 2-device run, so each logs what a single process with 2 devices logs."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(REPO / "mappo.py"), "--env-id", "lbf-8x8-2p-2f-coop", "--num-envs", "4"]
+    cmd += ["--num-steps", "8", "--total-timesteps", "64", "--eval-episodes", "2"]
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2"
+    )
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=tmp_path, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("on 2 device(s)" in out for out in outs)
+    (tmp_path / "single").mkdir()
+    single = run(cmd, cwd=tmp_path / "single")  # one process, 2 forced devices
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def losses(pattern, root=tmp_path):
+        (path,) = root.glob(f"runs/{pattern}/metrics.csv")
+        rows = list(csv.DictReader(open(path)))
+        return [
+            float(r[k])
+            for r in rows
+            if r["losses/value_loss"]
+            for k in ("losses/value_loss", "losses/entropy")
+        ]
+
+    p0, p1 = losses("*__p0"), losses("*__p1")
+    assert p0 == p1
+    assert p0 == pytest.approx(losses("*", tmp_path / "single"), rel=1e-4, abs=1e-6)
