@@ -91,7 +91,9 @@ class Args:
     max_grad_norm: float = 5.0
     """the maximum norm for the gradient clipping"""
     eval_episodes: int = 32
-    """number of greedy evaluation episodes (run in parallel) at the end of training"""
+    """number of evaluation episodes (run in parallel) at the end of training"""
+    eval_greedy: bool = True
+    """evaluate with greedy (argmax) actions; --no-eval-greedy samples from the policy as training does"""
     eval_every: int = 0
     """also evaluate every this many iterations (0: only at the end)"""
 
@@ -643,23 +645,24 @@ def make_update_step(args, env, network, tx, mesh=None):
 
 
 def make_evaluate(args, env, network):
-    """Greedy actions in args.eval_episodes fresh envs run side by side until each ends its first episode."""
+    """Greedy (or sampled) actions in args.eval_episodes fresh envs, side by side until each ends an episode."""
 
     def evaluate(params, key):
         reset_key, act_key = jax.random.split(key)
         state, obs, mask = jax.vmap(env.reset)(jax.random.split(reset_key, args.eval_episodes))
         zeros = jnp.zeros(args.eval_episodes)
 
-        def step(carry, _):
+        def step(carry, t):
             state, obs, mask, alive, ret, length, success = carry
-            actions, _, _ = act(network, params, obs, mask, act_key, greedy=True)
+            key_t = jax.random.fold_in(act_key, t)  # only used when sampling
+            actions, _, _ = act(network, params, obs, mask, key_t, greedy=args.eval_greedy)
             state, obs, mask, reward, term, trunc, succ = jax.vmap(env.step)(state, actions)
             ret, length = ret + reward * alive, length + alive
             success = jnp.where(alive, succ, success)
             return (state, obs, mask, alive & ~(term | trunc), ret, length, success), None
 
         carry = (state, obs, mask, jnp.ones(args.eval_episodes, bool), zeros, zeros, zeros)
-        (_, _, _, _, ret, length, success), _ = jax.lax.scan(step, carry, None, env.time_limit)
+        (_, _, _, _, ret, length, success), _ = jax.lax.scan(step, carry, jnp.arange(env.time_limit))
         return {
             "eval/episodic_return": ret.mean(),
             "eval/episodic_length": length.mean(),
@@ -973,7 +976,7 @@ def main(args):
         json.dump(summary, f, indent=2)
     print(
         f"trained: episodic_return={fmt(metrics['charts/episodic_return'])} (sampled actions, last iteration), "
-        f"eval/episodic_return={fmt(results['eval/episodic_return'])} (greedy, {args.eval_episodes} episodes per seed)"
+        f"eval/episodic_return={fmt(results['eval/episodic_return'])} ({'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed)"
     )
     return results
 

@@ -59,3 +59,21 @@ def test_vmapped_seeds_are_independent_runs():
     for name in ("losses/value_loss", "losses/policy_loss", "losses/entropy"):
         np.testing.assert_allclose(together[name][1], alone[name][0], rtol=1e-4, atol=1e-6)
     assert not np.allclose(together["losses/value_loss"][0], together["losses/value_loss"][1])
+
+
+@pytest.mark.parametrize("script", ["mappo", "mat_ppo", "mam_ppo"])
+def test_eval_greedy_flag(script):
+    """--no-eval-greedy samples: at init (near-uniform policy) RWARE's agents soon collide, which ends the
+    episode, while argmax repeats one action per observation; and sampling uses the key, greedy does not."""
+    module = importlib.import_module(script)
+    args = replace(module.Args(), env_id="rware-tiny-2ag", eval_episodes=8)
+    env = module.make_env(args.env_id)
+    network = module.build_network(args, env)
+    params = module.init_params(network, jax.random.PRNGKey(0), env)
+
+    def lengths(eval_greedy, seeds):
+        evaluate = jax.jit(module.make_evaluate(replace(args, eval_greedy=eval_greedy), env, network))
+        return [float(evaluate(params, jax.random.PRNGKey(s))["eval/episodic_length"]) for s in seeds]
+
+    (greedy,), (sampled, other_key) = lengths(True, [1]), lengths(False, [1, 2])
+    assert sampled < greedy and sampled != other_key  # here: 500 (the time limit) vs about 300
