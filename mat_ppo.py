@@ -871,7 +871,12 @@ def init_distributed():
     """Multi-host: with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, which
     JAX reads itself), join the other processes; jax.devices() then lists every host's devices."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        num, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        try:
+            num, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            fail(
+                "JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be set too (integers)"
+            )
         jax.distributed.initialize(num_processes=num, process_id=index)
     elif int(os.environ.get("SLURM_NTASKS", 1)) > 1:
         jax.distributed.initialize()
