@@ -346,13 +346,16 @@ class Mixer(nn.Module):
         One agent: u, rep (B, D), state = (conv_buf (B, d_conv-1, E), h (B, E, S)) -> (B, D), new state."""
         c = self.cfg
         x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (B, [N,] E) each
-        if state is None:  # causal conv: agent i sees inputs i-d_conv+1..i, zeros before agent 0
+        # causal depthwise conv: agent i sees inputs i-d_conv+1..i (zeros before agent 0); tap k multiplies the
+        # input d_conv-1-k agents back. A sum of shifted slices: faster on XLA:CPU than stacked windows + einsum.
+        if state is None:
             n = x.shape[1]
             xp = jnp.pad(x, ((0, 0), (c.d_conv - 1, 0), (0, 0)))  # (B, N+d_conv-1, E)
-            windows = jnp.stack([xp[:, k : k + n] for k in range(c.d_conv)], axis=2)  # (B, N, d_conv, E)
+            taps = [xp[:, k : k + n] for k in range(c.d_conv)]  # d_conv x (B, N, E)
         else:  # the buffer holds the previous d_conv-1 inputs
             windows = jnp.concatenate([state[0], x[:, None]], axis=1)  # (B, d_conv, E)
-        x = nn.silu(jnp.einsum("...ke,ke->...e", windows, self.conv_w) + self.conv_b)  # (B, [N,] E)
+            taps = [windows[:, k] for k in range(c.d_conv)]  # d_conv x (B, E)
+        x = nn.silu(sum(tap * w for tap, w in zip(taps, self.conv_w)) + self.conv_b)  # (B, [N,] E)
         dt, B, C = jnp.split(self.x_proj(x), [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
         if self.cross:
             C = self.c_proj(rep)  # (B, [N,] S)
