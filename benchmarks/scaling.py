@@ -131,10 +131,16 @@ def parse_args():
 
 
 def machine_label():
-    """e.g. 'gpu (NVIDIA H100 80GB HBM3), 16 CPUs x86_64, jax 0.10.2': goes in every CSV row and the plot."""
+    """e.g. 'gpu (NVIDIA H100 80GB HBM3), 16 CPUs x86_64, jax 0.10.2, glibc malloc': in every CSV row and the plot.
+    The allocator is part of the machine: preloading tcmalloc changes CPU timings (README, Throughput)."""
     device = jax.devices()[0]
     cpus = f"{os.cpu_count()} CPUs {platform.machine()}"
-    return f"{device.platform} ({device.device_kind}), {cpus}, jax {jax.__version__}"
+    return f"{device.platform} ({device.device_kind}), {cpus}, jax {jax.__version__}, {allocator()}"
+
+
+def allocator():
+    """'tcmalloc' when preloaded (LD_PRELOAD, the README's opt-in), else the system's 'glibc malloc'."""
+    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Time the two modes of `selective_scan` (parallel associative scan vs sequential lax.scan).
 
-For each sequence length l, both modes and two passes: "fwd" (y only) and "fwd+bwd" (gradient of sum(y)
+A third column, "autodiff", is the sequential recurrence as a plain lax.scan that jax differentiates itself:
+what the sequential mode was before it got its hand-written backward pass (selective_scan.py says why).
+For each sequence length l, every mode and two passes: "fwd" (y only) and "fwd+bwd" (gradient of sum(y)
 with respect to x, delta, A, B, C and D). Each function is jitted; compile time is measured separately, then
 one warm-up call, then the median of --repeats timed calls (each waits with block_until_ready).
 Sizes other than l are fixed at b=64, d=128, n=16. Prints a markdown table and writes a CSV.
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from selective_scan import selective_scan
 
 BATCH, D_INNER, D_STATE = 64, 128, 16
-MODES = ("parallel", "sequential")
+MODES = ("parallel", "sequential", "autodiff")
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -61,11 +63,24 @@ def make_inputs(key, length):
     return x, delta, A, B, C, D
 
 
+def autodiff_scan(x, delta, A, B, C, D):
+    """The recurrence as a plain lax.scan over l in the kernel's (b, d, n) layout, left to jax's autodiff."""
+
+    def step(h, token):
+        x_t, delta_t, B_t, C_t = token  # (b, d), (b, d), (b, n), (b, n)
+        h = jnp.exp(delta_t[..., None] * A) * h + (delta_t * x_t)[..., None] * B_t[:, None, :]
+        return h, jnp.einsum("bdn,bn->bd", h, C_t) + D * x_t
+
+    h0 = jnp.zeros((x.shape[0], *A.shape))
+    _, y = jax.lax.scan(step, h0, tuple(jnp.swapaxes(v, 0, 1) for v in (x, delta, B, C)))
+    return jnp.swapaxes(y, 0, 1)  # (b, l, d)
+
+
 def build(mode, which):
     """The function to time: y for "fwd", the gradients of sum(y) w.r.t. all six inputs for "fwd+bwd"."""
 
     def forward(*inputs):
-        return selective_scan(*inputs, mode=mode)
+        return autodiff_scan(*inputs) if mode == "autodiff" else selective_scan(*inputs, mode=mode)
 
     if which == "fwd":
         return forward
@@ -118,18 +133,15 @@ def main():
         writer.writeheader()
         writer.writerows(rows)
 
-    # One line per (l, pass): both modes side by side and which one wins.
-    print("\n| l | pass | parallel ms | sequential ms | parallel / sequential | compile s (par / seq) |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    # One line per (l, pass): the modes side by side, as multiples of the sequential mode's time.
+    print("\n| l | pass | parallel ms | sequential ms | autodiff ms | parallel / seq | autodiff / seq |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for length in args.lengths:
         for which in PASSES:
-            par, seq = (
-                next(r for r in rows if (r["l"], r["pass"], r["mode"]) == (length, which, m)) for m in MODES
-            )
-            ratio = par["median_ms"] / seq["median_ms"]
+            ms = {r["mode"]: r["median_ms"] for r in rows if (r["l"], r["pass"]) == (length, which)}
             print(
-                f"| {length} | {which} | {par['median_ms']:.2f} | {seq['median_ms']:.2f} | {ratio:.2f} "
-                f"| {par['compile_s']:.2f} / {seq['compile_s']:.2f} |"
+                f"| {length} | {which} | {ms['parallel']:.2f} | {ms['sequential']:.2f} | {ms['autodiff']:.2f} "
+                f"| {ms['parallel'] / ms['sequential']:.2f} | {ms['autodiff'] / ms['sequential']:.2f} |"
             )
     print(f"\nwrote {args.out}")
 

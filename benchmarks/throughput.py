@@ -1,7 +1,8 @@
 """Training steps per second of each script next to the env-only ceiling, measured in the same run.
 
-The ceiling steps the same wrapped envs (same num_envs, same pool auto-reset as training) with random legal
-actions and nothing else; training can only approach it. Both exclude compilation and run jitted, with one host
+The scripts' update steps are timed round-robin, one iteration each per round (the median iteration counts), so
+that drift on a shared machine hits them alike. The ceiling steps the same wrapped envs (same num_envs, same
+pool auto-reset as training) with random legal actions and nothing else; training can only approach it. Both exclude compilation and run jitted, with one host
 sync per iteration like the scripts' own loop.
 
     python benchmarks/throughput.py                       # all scripts, the three tasks, 16 envs
@@ -16,6 +17,7 @@ import csv
 import importlib
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -67,8 +69,9 @@ def env_only_sps(module, env, num_envs, num_steps, iterations):
     return iterations * num_envs * num_steps / (time.perf_counter() - start)
 
 
-def training_sps(module, args, iterations):
-    """The script's own jitted update step (rollout + GAE + PPO epochs) on its device mesh, as in main()."""
+def build_update(module, args):
+    """The script's own jitted update step (rollout + GAE + PPO epochs) on its device mesh, as in main(), after
+    one warm-up call. -> env, [compiled update step, runner state], compile seconds."""
     env = module.make_env(args.env_id, args.num_agents)
     network = module.build_network(args, env)
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.learning_rate, eps=1e-5))
@@ -84,12 +87,21 @@ def training_sps(module, args, iterations):
     compile_s = time.perf_counter() - t0
     runners, metrics = update(runners)  # warm-up
     jax.device_get(metrics)
-    start = time.perf_counter()
+    return env, [update, runners], compile_s
+
+
+def alternate_sps(runs, steps_per_iteration, iterations):
+    """Time the update steps round-robin, one iteration of each per round, so that the machine's drift (up to
+    1.7x here) hits every script alike: their ratios are then comparable. -> name -> SPS of the median
+    iteration (one host sync per iteration, like the training loop)."""
+    seconds = {name: [] for name in runs}
     for _ in range(iterations):
-        runners, metrics = update(runners)
-        jax.device_get(metrics)
-    sps = iterations * args.num_envs * args.num_steps / (time.perf_counter() - start)
-    return env, sps, compile_s
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run[1], metrics = run[0](run[1])
+            jax.device_get(metrics)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: steps_per_iteration / statistics.median(s) for name, s in seconds.items()}
 
 
 def main():
@@ -102,15 +114,20 @@ def main():
     )
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--num-devices", type=int, nargs="+", default=[1], help="device counts to train on")
-    parser.add_argument("--iterations", type=int, default=10, help="timed iterations after one warm-up")
+    parser.add_argument(
+        "--iterations", type=int, default=10, help="timed iterations per script after one warm-up"
+    )
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "throughput_cpu.csv")
     )
     opts = parser.parse_args()
 
+    # the allocator changes CPU timings: tcmalloc when preloaded (the README's opt-in), else glibc's
+    malloc = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}"
     )
+    machine += f", {malloc}"
     print(f"machine: {machine}; jax {jax.__version__}; {opts.num_envs} envs; {opts.iterations} iterations")
     if max(opts.num_devices) > jax.local_device_count() or opts.num_envs % max(opts.num_devices):
         sys.exit(
@@ -118,19 +135,24 @@ def main():
         )
     rows = []
     for env_id in opts.env_ids:
-        ceiling = None
+        runs, compile_s = {}, {}
         for name in opts.scripts:
             module = importlib.import_module(name)
             for num_devices in opts.num_devices:
                 args = replace(module.Args(), env_id=env_id, num_envs=opts.num_envs, num_devices=num_devices)
-                env, sps, compile_s = training_sps(module, args, opts.iterations)
-                if ceiling is None:  # the same wrapper in every script: measure the ceiling once per env
-                    ceiling = env_only_sps(module, env, opts.num_envs, args.num_steps, opts.iterations)
-                row = dict(env_id=env_id, script=name, num_devices=num_devices, num_envs=opts.num_envs,
-                           num_steps=args.num_steps, train_sps=round(sps), env_only_sps=round(ceiling),
-                           ratio=round(sps / ceiling, 3), compile_s=round(compile_s, 1), machine=machine)  # fmt: skip
-                print(row, flush=True)
-                rows.append(row)
+                env, runs[name, num_devices], compile_s[name, num_devices] = build_update(module, args)
+        # the same wrapper in every script: one env-only ceiling per env
+        ceiling = env_only_sps(module, env, opts.num_envs, args.num_steps, opts.iterations)
+        for (name, num_devices), sps in alternate_sps(
+            runs, opts.num_envs * args.num_steps, opts.iterations
+        ).items():
+            row = dict(env_id=env_id, script=name, num_devices=num_devices, num_envs=opts.num_envs,
+                       num_steps=args.num_steps, train_sps=round(sps), env_only_sps=round(ceiling),
+                       ratio=round(sps / ceiling, 3), compile_s=round(compile_s[name, num_devices], 1),
+                       machine=machine)  # fmt: skip
+            print(row, flush=True)
+            rows.append(row)
+        del runs
 
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)
     with open(opts.out, "w", newline="") as f:
