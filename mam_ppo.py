@@ -271,6 +271,19 @@ def make_env(env_id, num_agents=None):
 # N agents (the sequence axis), O obs, A actions, D = n_embd, E = expand * n_embd (d_inner), S = d_state.
 # Training decodes all agents at once (a full selective scan over the agents); `act` decodes one agent at a
 # time inside lax.scan, carrying each mixer's conv buffer and SSM state: O(1) work per agent.
+class MambaConfig(NamedTuple):
+    """The network's hyperparameters, named as the Args fields (the flags) they come from. Hashable, so it can
+    be a linen field shared by every Mamba block."""
+
+    n_block: int
+    n_embd: int
+    d_state: int
+    d_conv: int
+    expand: int
+    dt_rank: int
+    scan_mode: str  # "sequential" (lax.scan) or "parallel" (associative_scan) for the all-agents passes
+
+
 def dense(features, gain, use_bias=True):
     # MAT's init: orthogonal weights, zero biases; gain sqrt(2) before a GELU, 0.01 on residual-branch outputs
     return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.orthogonal(gain))
@@ -293,15 +306,6 @@ def shifted_tokens(actions, action_dim):
     return jax.nn.one_hot(prev, action_dim + 1)  # (B, N, A+1)
 
 
-class MambaConfig(NamedTuple):  # hashable, so it can be a linen field shared by every Mamba block
-    n_embd: int
-    d_state: int
-    d_conv: int
-    expand: int
-    dt_rank: int
-    scan_mode: str  # "sequential" (lax.scan) or "parallel" (associative_scan) for the all-agents passes
-
-
 def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
     """Mamba's init: softplus(bias) = dt, drawn log-uniformly in [dt_min, dt_max], so Δ starts in a useful range."""
     dt = jnp.exp(jax.random.uniform(key, shape, dtype, jnp.log(dt_min), jnp.log(dt_max)))
@@ -318,55 +322,49 @@ class Mixer(nn.Module):
     cross: bool = False
 
     def setup(self):
-        c, e = self.cfg, self.cfg.expand * self.cfg.n_embd
+        cfg, d_inner = self.cfg, self.cfg.expand * self.cfg.n_embd
         # projections and conv keep Flax's default init (lecun normal, zero bias), as in the authors' code
-        self.in_proj = nn.Dense(2 * e, use_bias=False)
-        self.conv_w = self.param("conv_w", nn.initializers.lecun_normal(), (c.d_conv, e))  # depthwise
-        self.conv_b = self.param("conv_b", nn.initializers.zeros, (e,))
-        self.x_proj = nn.Dense(c.dt_rank + (1 if self.cross else 2) * c.d_state, use_bias=False)
-        r = c.dt_rank**-0.5
-        self.dt_proj = nn.Dense(
-            e,
-            kernel_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -r, r),
-            bias_init=dt_bias_init,
-        )
+        self.in_proj = nn.Dense(2 * d_inner, use_bias=False)
+        self.conv_w = self.param("conv_w", nn.initializers.lecun_normal(), (cfg.d_conv, d_inner))  # depthwise
+        self.conv_b = self.param("conv_b", nn.initializers.zeros, (d_inner,))
+        self.x_proj = nn.Dense(cfg.dt_rank + (1 if self.cross else 2) * cfg.d_state, use_bias=False)
+        r = cfg.dt_rank**-0.5
+        dt_kernel_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -r, r)
+        self.dt_proj = nn.Dense(d_inner, kernel_init=dt_kernel_init, bias_init=dt_bias_init)
         # S4D-real: A = -(1, 2, ..., S) for every channel; D = 1 (skip connection)
-        self.A_log = self.param(
-            "A_log",
-            lambda k, s: jnp.log(jnp.broadcast_to(jnp.arange(1, s[1] + 1, dtype=jnp.float32), s)),
-            (e, c.d_state),
-        )
-        self.D = self.param("D", nn.initializers.ones, (e,))
-        self.out_proj = nn.Dense(c.n_embd, use_bias=False)
+        s4d_real = lambda key, shape: jnp.log(jnp.broadcast_to(jnp.arange(1, shape[1] + 1.0), shape))
+        self.A_log = self.param("A_log", s4d_real, (d_inner, cfg.d_state))
+        self.D = self.param("D", nn.initializers.ones, (d_inner,))
+        self.out_proj = nn.Dense(cfg.n_embd, use_bias=False)
         if self.cross:
-            self.c_proj = nn.Dense(c.d_state, use_bias=False)
+            self.c_proj = nn.Dense(cfg.d_state, use_bias=False)
 
-    def __call__(self, u, rep=None, state=None):
+    def __call__(self, u, rep=None, cache=None):
         """All agents: u, rep (B, N, D) -> (B, N, D), None.
-        One agent: u, rep (B, D), state = (conv_buf (B, d_conv-1, E), h (B, E, S)) -> (B, D), new state."""
-        c = self.cfg
+        One agent: u, rep (B, D), cache = (conv buffer (B, d_conv-1, E), h (B, E, S)) -> (B, D), new cache."""
+        cfg = self.cfg
         x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (B, [N,] E) each
         # causal depthwise conv: agent i sees inputs i-d_conv+1..i (zeros before agent 0); tap k multiplies the
         # input d_conv-1-k agents back. A sum of shifted slices: faster on XLA:CPU than stacked windows + einsum.
-        if state is None:
+        if cache is None:
             n = x.shape[1]
-            xp = jnp.pad(x, ((0, 0), (c.d_conv - 1, 0), (0, 0)))  # (B, N+d_conv-1, E)
-            taps = [xp[:, k : k + n] for k in range(c.d_conv)]  # d_conv x (B, N, E)
+            xp = jnp.pad(x, ((0, 0), (cfg.d_conv - 1, 0), (0, 0)))  # (B, N+d_conv-1, E)
+            taps = [xp[:, k : k + n] for k in range(cfg.d_conv)]  # d_conv x (B, N, E)
         else:  # the buffer holds the previous d_conv-1 inputs
-            windows = jnp.concatenate([state[0], x[:, None]], axis=1)  # (B, d_conv, E)
-            taps = [windows[:, k] for k in range(c.d_conv)]  # d_conv x (B, E)
+            windows = jnp.concatenate([cache[0], x[:, None]], axis=1)  # (B, d_conv, E)
+            taps = [windows[:, k] for k in range(cfg.d_conv)]  # d_conv x (B, E)
         x = nn.silu(sum(tap * w for tap, w in zip(taps, self.conv_w)) + self.conv_b)  # (B, [N,] E)
-        dt, B, C = jnp.split(self.x_proj(x), [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
+        dt, B, C = jnp.split(self.x_proj(x), [cfg.dt_rank, cfg.dt_rank + cfg.d_state], axis=-1)
         if self.cross:
             C = self.c_proj(rep)  # (B, [N,] S)
         delta = nn.softplus(self.dt_proj(dt))  # (B, [N,] E), positive
         A = -jnp.exp(self.A_log)  # (E, S), negative
-        if state is None:
-            y, state = selective_scan(x, delta, A, B, C, self.D, mode=c.scan_mode), None  # (B, N, E)
+        if cache is None:
+            y, cache = selective_scan(x, delta, A, B, C, self.D, mode=cfg.scan_mode), None  # (B, N, E)
         else:
-            h, y = selective_scan_step(state[1], x, delta, A, B, C, self.D)  # (B, E, S), (B, E)
-            state = (windows[:, 1:], h)
-        return self.out_proj(y * nn.silu(z)), state
+            h, y = selective_scan_step(cache[1], x, delta, A, B, C, self.D)  # (B, E, S), (B, E)
+            cache = (windows[:, 1:], h)
+        return self.out_proj(y * nn.silu(z)), cache
 
 
 class Mamba(nn.Module):
@@ -383,9 +381,9 @@ class Mamba(nn.Module):
         if self.cross:
             self.norm_rep = nn.RMSNorm()
 
-    def __call__(self, x, rep=None, state=None):
-        y, state = self.mixer(self.norm(x), self.norm_rep(rep) if self.cross else None, state)
-        return self.ln(x + y), state
+    def __call__(self, x, rep=None, cache=None):
+        y, cache = self.mixer(self.norm(x), self.norm_rep(rep) if self.cross else None, cache)
+        return self.ln(x + y), cache
 
 
 class BiMamba(Mamba):
@@ -424,35 +422,28 @@ class DecodeBlock(nn.Module):
         self.mlp = mlp(self.cfg.n_embd)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(), nn.LayerNorm(), nn.LayerNorm()
 
-    def __call__(self, x, rep, state=None):  # x, rep (B, N, D) with state None, (B, D) for one agent
-        s_self, s_cross = (None, None) if state is None else state
-        y, s_self = self.self_mamba(x, None, s_self)
+    def __call__(self, x, rep, cache=None):  # x, rep (B, N, D) with cache None, (B, D) for one agent
+        self_cache, cross_cache = (None, None) if cache is None else cache
+        y, self_cache = self.self_mamba(x, None, self_cache)
         x = self.ln1(x + y)
-        y, s_cross = self.cross_mamba(x, rep, s_cross)
+        y, cross_cache = self.cross_mamba(x, rep, cross_cache)
         x = self.ln2(rep + y)
-        return self.ln3(x + self.mlp(x)), (s_self, s_cross)
+        return self.ln3(x + self.mlp(x)), (self_cache, cross_cache)
 
 
 class MultiAgentMamba(nn.Module):
     action_dim: int
-    n_block: int = 1
-    n_embd: int = 64
-    d_state: int = 8
-    d_conv: int = 4
-    expand: int = 1
-    dt_rank: int = 4
-    scan_mode: str = "sequential"  # how the all-agents passes run the scan (benchmarks/scan.py: sequential)
+    cfg: MambaConfig
 
     def setup(self):
-        cfg = MambaConfig(self.n_embd, self.d_state, self.d_conv, self.expand, self.dt_rank, self.scan_mode)
-        D = self.n_embd
+        cfg, D = self.cfg, self.cfg.n_embd
         self.obs_embed = nn.Sequential([nn.LayerNorm(), dense(D, np.sqrt(2)), gelu])
         self.enc_ln = nn.LayerNorm()
-        self.enc_blocks = [EncodeBlock(cfg) for _ in range(self.n_block)]
+        self.enc_blocks = [EncodeBlock(cfg) for _ in range(cfg.n_block)]
         self.value_head = head(D, 1, gain=0.01)  # 0.01 on both heads, as MAT
         self.action_embed = nn.Sequential([dense(D, np.sqrt(2), use_bias=False), gelu])
         self.dec_ln = nn.LayerNorm()
-        self.dec_blocks = [DecodeBlock(cfg) for _ in range(self.n_block)]
+        self.dec_blocks = [DecodeBlock(cfg) for _ in range(cfg.n_block)]
         self.policy_head = head(D, self.action_dim, gain=0.01)
 
     def __call__(self, obs, action_mask, actions):  # training: teacher forcing on the taken actions
@@ -466,22 +457,23 @@ class MultiAgentMamba(nn.Module):
             x = block(x)
         return self.value_head(x)[..., 0], x
 
-    def decode(self, tokens, rep, state=None):
+    def decode(self, tokens, rep, cache=None):
         """All agents: tokens (B, N, A+1), rep (B, N, D) -> logits (B, N, A), None.
-        One agent: tokens (B, A+1), rep (B, D), state from init_decode_state -> logits (B, A), new state."""
+        One agent: tokens (B, A+1), rep (B, D), cache from init_cache -> logits (B, A), new cache."""
         x = self.dec_ln(self.action_embed(tokens))
-        new_state = []
+        new_cache = []
         for i, block in enumerate(self.dec_blocks):
-            x, s = block(x, rep, None if state is None else state[i])
-            new_state.append(s)
-        return self.policy_head(x), None if state is None else tuple(new_state)
+            x, block_cache = block(x, rep, None if cache is None else cache[i])
+            new_cache.append(block_cache)
+        return self.policy_head(x), None if cache is None else tuple(new_cache)
 
 
-def init_decode_state(network, batch):
-    """Zero state for acting: per block (self, cross), per mixer (conv_buf (B, d_conv-1, E), h (B, E, S))."""
-    e = network.expand * network.n_embd
-    mixer = (jnp.zeros((batch, network.d_conv - 1, e)), jnp.zeros((batch, e, network.d_state)))
-    return tuple((mixer, mixer) for _ in range(network.n_block))
+def init_cache(network, batch):
+    """Empty decoding cache: per block (self, cross), per mixer (conv buffer (B, d_conv-1, E), h (B, E, S))."""
+    cfg = network.cfg
+    d_inner = cfg.expand * cfg.n_embd
+    mixer = (jnp.zeros((batch, cfg.d_conv - 1, d_inner)), jnp.zeros((batch, d_inner, cfg.d_state)))
+    return tuple((mixer, mixer) for _ in range(cfg.n_block))
 
 
 def act(network, params, obs, action_mask, key, greedy=False):
@@ -490,17 +482,17 @@ def act(network, params, obs, action_mask, key, greedy=False):
     batch, n_agents, _ = obs.shape
 
     def step(carry, inputs):
-        token, state = carry  # (B, A+1), see init_decode_state
+        token, cache = carry  # (B, A+1), see init_cache
         rep_i, mask_i, key_i = inputs  # (B, D), (B, A), key
-        logits, state = network.apply(params, token, rep_i, state, method=network.decode)
+        logits, cache = network.apply(params, token, rep_i, cache, method=network.decode)
         logits = jnp.where(mask_i, logits, -1e9)  # (B, A)
         action = jnp.argmax(logits, axis=-1) if greedy else jax.random.categorical(key_i, logits)
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
-        return (jax.nn.one_hot(action + 1, network.action_dim + 1), state), (action, log_prob)
+        return (jax.nn.one_hot(action + 1, network.action_dim + 1), cache), (action, log_prob)
 
     start = jax.nn.one_hot(jnp.zeros(batch, jnp.int32), network.action_dim + 1)  # start token 0
     inputs = (jnp.swapaxes(rep, 0, 1), jnp.swapaxes(action_mask, 0, 1), jax.random.split(key, n_agents))
-    _, (actions, log_probs) = jax.lax.scan(step, (start, init_decode_state(network, batch)), inputs)
+    _, (actions, log_probs) = jax.lax.scan(step, (start, init_cache(network, batch)), inputs)
     return actions.T.astype(jnp.int32), log_probs.T, values  # (B, N) each
 
 
@@ -514,22 +506,11 @@ def init_params(network, key, env):
     return network.init(key, obs, mask, jnp.zeros((1, env.num_agents), jnp.int32))
 
 
-def build_network(args, env):
-    return MultiAgentMamba(
-        action_dim=env.action_dim, n_block=args.n_block, n_embd=args.n_embd, d_state=args.d_state,
-        d_conv=args.d_conv, expand=args.expand, dt_rank=args.dt_rank, scan_mode=args.scan_mode,
-    )  # fmt: skip
+def build_network(args, env):  # args: the flags, or a saved model's
+    return MultiAgentMamba(env.action_dim, MambaConfig(**{f: getattr(args, f) for f in MambaConfig._fields}))
 
 
-NETWORK_ARGS = (
-    "n_block",
-    "n_embd",
-    "d_state",
-    "d_conv",
-    "expand",
-    "dt_rank",
-    "scan_mode",
-)  # shape the network
+NETWORK_ARGS = MambaConfig._fields  # the Args fields that shape the network: a saved model brings its own
 
 
 # ----------------------------------------------------------------------------------------------------------

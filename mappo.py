@@ -249,6 +249,12 @@ def make_env(env_id, num_agents=None):
 # ----------------------------------------------------------------------------------------------------------
 # Network
 # ----------------------------------------------------------------------------------------------------------
+class MAPPOConfig(NamedTuple):
+    """The network's hyperparameters, named as the Args fields (the flags) they come from."""
+
+    hidden_dim: int
+
+
 def dense(features, scale=np.sqrt(2)):
     return nn.Dense(features, kernel_init=nn.initializers.orthogonal(scale), bias_init=nn.initializers.zeros)
 
@@ -257,20 +263,21 @@ class MAPPONetwork(nn.Module):
     """Shared actor over (own observation, one-hot agent id) and a centralised critic over all observations."""
 
     action_dim: int
-    hidden_dim: int = 128
+    cfg: MAPPOConfig
 
     @nn.compact
     def __call__(self, obs, action_mask):  # obs (B, N, O), action_mask (B, N, A)
         b, n, _ = obs.shape
+        hidden = self.cfg.hidden_dim
         ids = jnp.broadcast_to(jnp.eye(n), (b, n, n))  # one-hot agent id: one set of weights, N roles
         x = jnp.concatenate([obs, ids], -1)  # (B, N, O + N)
-        x = nn.relu(dense(self.hidden_dim)(x))
-        x = nn.relu(dense(self.hidden_dim)(x))
+        x = nn.relu(dense(hidden)(x))
+        x = nn.relu(dense(hidden)(x))
         logits = dense(self.action_dim, 0.01)(x)  # (B, N, A)
         logits = jnp.where(action_mask, logits, -1e9)  # illegal actions get probability 0 (finite: no NaN)
         v = obs.reshape(b, n * obs.shape[-1])  # global state (B, N * O)
-        v = nn.relu(dense(self.hidden_dim)(v))
-        v = nn.relu(dense(self.hidden_dim)(v))
+        v = nn.relu(dense(hidden)(v))
+        v = nn.relu(dense(hidden)(v))
         values = dense(1, 1.0)(v)[:, 0]  # (B,) one value for the team
         return logits, values
 
@@ -292,11 +299,11 @@ def init_params(network, key, env):
     return network.init(key, obs, jnp.ones((1, env.num_agents, env.action_dim), bool))
 
 
-def build_network(args, env):
-    return MAPPONetwork(action_dim=env.action_dim, hidden_dim=args.hidden_dim)
+def build_network(args, env):  # args: the flags, or a saved model's
+    return MAPPONetwork(env.action_dim, MAPPOConfig(**{f: getattr(args, f) for f in MAPPOConfig._fields}))
 
 
-NETWORK_ARGS = ("hidden_dim",)  # the Args fields that shape the network: a saved model brings its own
+NETWORK_ARGS = MAPPOConfig._fields  # the Args fields that shape the network: a saved model brings its own
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -263,6 +263,16 @@ def make_env(env_id, num_agents=None):
 # Multi-Agent Transformer (Wen et al. 2022). Shapes: B envs, N agents, O obs, A actions, D = n_embd.
 # Training decodes all agents at once (teacher forcing, causal masks); `act` decodes one agent at a time inside
 # lax.scan, either with a KV cache (O(N) per agent) or by re-running the whole decoder (the paper's, O(N^2)).
+class TransformerConfig(NamedTuple):
+    """The network's hyperparameters, named as the Args fields (the flags) they come from. Hashable, so it can
+    be a linen field shared by every block."""
+
+    n_block: int
+    n_embd: int
+    n_head: int
+    decode: str  # how `act` decodes: "cache" (KV cache) or "recompute" (the paper's)
+
+
 def dense(features, gain, use_bias=True):
     # MAT's init: orthogonal weights, zero biases; gain sqrt(2) before a GELU, 0.01 on residual-branch outputs
     return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.orthogonal(gain))
@@ -290,19 +300,20 @@ def cache_write(cache, new, i):  # cache (B, N, D), new (B, 1, D): store agent i
 
 
 class Attention(nn.Module):
-    n_embd: int
-    n_head: int
+    cfg: TransformerConfig
 
     def setup(self):
-        assert self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = [dense(self.n_embd, 0.01) for _ in range(4)]
+        assert self.cfg.n_embd % self.cfg.n_head == 0, "n_embd must be a multiple of n_head"
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = [
+            dense(self.cfg.n_embd, 0.01) for _ in range(4)
+        ]
 
     def kv(self, x):  # (B, L, D) -> keys, values (B, L, D); split out so decoding can cache them
         return self.k_proj(x), self.v_proj(x)
 
     def attend(self, x_q, k, v, mask=None):  # x_q (B, Lq, D); k, v (B, Lk, D); mask (Lq, Lk), True = seen
         B, Lq, D = x_q.shape
-        H = self.n_head
+        H = self.cfg.n_head
         q = self.q_proj(x_q).reshape(B, Lq, H, D // H)  # (B, Lq, H, hs)
         k, v = k.reshape(B, -1, H, D // H), v.reshape(B, -1, H, D // H)  # (B, Lk, H, hs)
         att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D // H)  # (B, H, Lq, Lk)
@@ -316,11 +327,10 @@ class Attention(nn.Module):
 
 
 class EncodeBlock(nn.Module):
-    n_embd: int
-    n_head: int
+    cfg: TransformerConfig
 
     def setup(self):
-        self.attn, self.mlp = Attention(self.n_embd, self.n_head), mlp(self.n_embd)
+        self.attn, self.mlp = Attention(self.cfg), mlp(self.cfg.n_embd)
         self.ln1, self.ln2 = nn.LayerNorm(), nn.LayerNorm()
 
     def __call__(self, x):  # (B, N, D); unmasked: every agent sees every agent's observation
@@ -329,15 +339,11 @@ class EncodeBlock(nn.Module):
 
 
 class DecodeBlock(nn.Module):
-    n_embd: int
-    n_head: int
+    cfg: TransformerConfig
 
     def setup(self):
-        self.self_attn, self.cross_attn = (
-            Attention(self.n_embd, self.n_head),
-            Attention(self.n_embd, self.n_head),
-        )
-        self.mlp = mlp(self.n_embd)
+        self.self_attn, self.cross_attn = Attention(self.cfg), Attention(self.cfg)
+        self.mlp = mlp(self.cfg.n_embd)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(), nn.LayerNorm(), nn.LayerNorm()
 
     def __call__(self, x, rep):  # teacher forcing, all agents at once: x action stream, rep obs rep (B, N, D)
@@ -361,22 +367,19 @@ class DecodeBlock(nn.Module):
 
 class MultiAgentTransformer(nn.Module):
     action_dim: int
-    n_block: int = 1
-    n_embd: int = 64
-    n_head: int = 1
-    decode: str = "cache"  # how `act` decodes: "cache" (KV cache) or "recompute" (the paper's)
+    cfg: TransformerConfig
 
     def setup(self):
-        if self.decode not in ("cache", "recompute"):
-            raise ValueError(f"decode must be 'cache' or 'recompute', got {self.decode!r}")
-        D = self.n_embd
+        cfg, D = self.cfg, self.cfg.n_embd
+        if cfg.decode not in ("cache", "recompute"):
+            raise ValueError(f"decode must be 'cache' or 'recompute', got {cfg.decode!r}")
         self.obs_embed = nn.Sequential([nn.LayerNorm(), dense(D, np.sqrt(2)), gelu])
         self.enc_ln = nn.LayerNorm()
-        self.enc_blocks = [EncodeBlock(D, self.n_head) for _ in range(self.n_block)]
+        self.enc_blocks = [EncodeBlock(cfg) for _ in range(cfg.n_block)]
         self.value_head = head(D, 1, gain=0.01)  # 0.01 on both heads, as MAT
         self.action_embed = nn.Sequential([dense(D, np.sqrt(2), use_bias=False), gelu])
         self.dec_ln = nn.LayerNorm()
-        self.dec_blocks = [DecodeBlock(D, self.n_head) for _ in range(self.n_block)]
+        self.dec_blocks = [DecodeBlock(cfg) for _ in range(cfg.n_block)]
         self.policy_head = head(D, self.action_dim, gain=0.01)
 
     def __call__(self, obs, action_mask, actions):  # training: teacher forcing on the taken actions
@@ -410,11 +413,12 @@ def act_with_logits(network, params, obs, action_mask, key, greedy=False):
     """`act`, also returning the logits (B, N, A) each agent's action was drawn from."""
     values, rep = network.apply(params, obs, method="encode")  # the encoder runs once: (B, N), (B, N, D)
     B, N, D = rep.shape
+    decode = network.cfg.decode
 
     def step(carry, xs):  # decode agent i given the actions of agents < i
         actions, cache = carry
         i, key_i = xs
-        if network.decode == "cache":  # O(N): attend over the cached keys/values of agents <= i
+        if decode == "cache":  # O(N): attend over the cached keys/values of agents <= i
             logits_i, cache = network.apply(params, rep, actions, action_mask, i, cache, method="decode_step")
         else:  # O(N^2), the paper's: rerun the teacher-forced decoder; slots >= i cannot reach agent i (causal)
             logits_i = network.apply(params, rep, actions, action_mask, method="decode_parallel")[:, i]
@@ -422,9 +426,7 @@ def act_with_logits(network, params, obs, action_mask, key, greedy=False):
         return (actions.at[:, i].set(action.astype(jnp.int32)), cache), logits_i
 
     # per decoder block: (k_self, v_self, k_cross, v_cross), each (B, N, D), row i written when agent i decodes
-    cache = (
-        [(jnp.zeros((B, N, D)),) * 4 for _ in range(network.n_block)] if network.decode == "cache" else None
-    )
+    cache = [(jnp.zeros((B, N, D)),) * 4 for _ in range(network.cfg.n_block)] if decode == "cache" else None
     carry = (jnp.zeros((B, N), jnp.int32), cache)  # actions so far (B, N): slots >= i are not read yet
     (actions, _), logits = jax.lax.scan(step, carry, (jnp.arange(N), jax.random.split(key, N)))
     logits = logits.swapaxes(0, 1)  # (N, B, A) -> (B, N, A)
@@ -448,17 +450,14 @@ def init_params(network, key, env):
     return network.init(key, obs, mask, jnp.zeros((1, env.num_agents), jnp.int32))
 
 
-def build_network(args, env):
-    return MultiAgentTransformer(
-        action_dim=env.action_dim,
-        n_block=args.n_block,
-        n_embd=args.n_embd,
-        n_head=args.n_head,
-        decode=args.decode,
-    )
+def build_network(args, env):  # args: the flags, or a saved model's
+    cfg = TransformerConfig(**{f: getattr(args, f) for f in TransformerConfig._fields})
+    return MultiAgentTransformer(env.action_dim, cfg)
 
 
-NETWORK_ARGS = ("n_block", "n_embd", "n_head", "decode")  # the Args fields that shape the network
+NETWORK_ARGS = (
+    TransformerConfig._fields
+)  # the Args fields that shape the network: a saved model brings its own
 
 
 # ----------------------------------------------------------------------------------------------------------
