@@ -34,6 +34,9 @@ from jax.sharding import PartitionSpec as P
 
 from selective_scan import selective_scan, selective_scan_step
 
+# Shapes in the comments: K seeds, T rollout steps (num_steps), B envs (num_envs), M minibatch size
+# (T * B / num_minibatches), N agents, O observation features per agent, A actions per agent.
+
 
 @dataclass
 class Args:
@@ -129,7 +132,7 @@ def _lbf(grid, fov, agents, food, coop=False):
     return ("lbf", kw, 100)
 
 
-def _con(grid, agents, time_limit=None):
+def _connector(grid, agents, time_limit=None):
     return ("connector", dict(grid_size=grid, num_agents=agents), time_limit or grid * grid)
 
 
@@ -145,13 +148,13 @@ ENVS = {
     "lbf-15x15-3p-5f": _lbf(15, 15, 3, 5),
     "lbf-15x15-4p-3f": _lbf(15, 15, 4, 3),
     "lbf-15x15-4p-5f": _lbf(15, 15, 4, 5),
-    "con-5x5x3a": _con(5, 3),
-    "con-7x7x5a": _con(7, 5),
-    "con-10x10x10a": _con(10, 10),
-    "con-15x15x23a": _con(15, 23),
+    "con-5x5x3a": _connector(5, 3),
+    "con-7x7x5a": _connector(7, 5),
+    "con-10x10x10a": _connector(10, 10),
+    "con-15x15x23a": _connector(15, 23),
     "RobotWarehouse-v0": _rware(2, 4, 8),
     "LevelBasedForaging-v0": _lbf(8, 8, 2, 2, coop=True),
-    "Connector-v3": _con(10, 10, time_limit=50),
+    "Connector-v3": _connector(10, 10, time_limit=50),
 }
 SUCCESS_KEY = {"rware": None, "lbf": "percent_eaten", "connector": "ratio_connections"}
 
@@ -171,12 +174,10 @@ def env_config(env_id, num_agents=None):
     if num_agents < 1:
         raise EnvError(f"--num-agents must be a positive number of agents (got {num_agents})")
     kw["num_agents"] = num_agents
-    if (
-        family == "rware"
-    ):  # agents spawn on any cell: keep >= 3 cells per agent, alternately widen and lengthen
-        while ((kw["column_height"] + 1) * kw["shelf_rows"] + 2) * (
-            3 * kw["shelf_columns"] + 1
-        ) < 3 * num_agents:
+    if family == "rware":
+        # agents spawn on any cell: keep >= 3 cells per agent, alternately widen and lengthen
+        cells = lambda: ((kw["column_height"] + 1) * kw["shelf_rows"] + 2) * (3 * kw["shelf_columns"] + 1)
+        while cells() < 3 * num_agents:
             if kw["shelf_columns"] <= 3 * kw["shelf_rows"]:
                 kw["shelf_columns"] += 2  # Jumanji wants an odd number of shelf columns
             else:
@@ -213,9 +214,7 @@ class Env(NamedTuple):
         grid = observation.grid  # (G, G)
         owner, kind = (grid - 1) // 3, (grid - 1) % 3
         own = owner[None] == jnp.arange(self.num_agents)[:, None, None]  # (N, G, G)
-        planes = [
-            (grid > 0) & (kind == k) & (own if mine else ~own) for mine in (True, False) for k in range(3)
-        ]
+        planes = [(grid > 0) & (kind == k) & whose for whose in (own, ~own) for k in range(3)]
         return jnp.stack(planes, -1).reshape(self.num_agents, -1).astype(jnp.float32)  # (N, 6 G^2)
 
     def reset(self, key):
@@ -225,40 +224,31 @@ class Env(NamedTuple):
     def step(self, state, actions):
         """-> state, obs (N, O), action mask (N, A), team reward, terminated, truncated, success figure."""
         state, ts = self.env.step(state, actions)
+        obs = ts.observation
         # Every family ends at its time limit with step_count == time_limit: that is a truncation (bootstrap),
         # also for RWARE, which reports discount 0 there. Anything else that ends an episode is a termination.
-        truncated = ts.last() & (ts.observation.step_count >= self.time_limit)
+        truncated = ts.last() & (obs.step_count >= self.time_limit)
         terminated = ts.last() & ~truncated
         key = SUCCESS_KEY[self.family]
         success = ts.extras[key].astype(jnp.float32) if key else jnp.float32(jnp.nan)
         reward = jnp.sum(ts.reward)  # team reward: RWARE's is a scalar, LBF and Connector give one per agent
-        return (
-            state,
-            self.observe(ts.observation),
-            ts.observation.action_mask,
-            reward,
-            terminated,
-            truncated,
-            success,
-        )
+        return state, self.observe(obs), obs.action_mask, reward, terminated, truncated, success
 
 
 def make_env(env_id, num_agents=None):
-    import jumanji  # here, not at the top: importing it starts XLA, which jax.distributed.initialize() must precede
+    # jumanji here, not at the top: importing it starts XLA, which jax.distributed.initialize() must precede
+    from jumanji.environments import Connector, LevelBasedForaging, RobotWarehouse
+    from jumanji.environments.routing.connector.generator import RandomWalkGenerator
+    from jumanji.environments.routing.lbf.generator import RandomGenerator as LBFGenerator
+    from jumanji.environments.routing.robot_warehouse.generator import RandomGenerator as RWAREGenerator
 
     family, kw, time_limit = env_config(env_id, num_agents)
-    if family == "rware":
-        from jumanji.environments.routing.robot_warehouse.generator import RandomGenerator
-
-        env = jumanji.environments.RobotWarehouse(generator=RandomGenerator(**kw), time_limit=time_limit)
-    elif family == "lbf":
-        from jumanji.environments.routing.lbf.generator import RandomGenerator
-
-        env = jumanji.environments.LevelBasedForaging(generator=RandomGenerator(**kw), time_limit=time_limit)
-    else:
-        from jumanji.environments.routing.connector.generator import RandomWalkGenerator
-
-        env = jumanji.environments.Connector(generator=RandomWalkGenerator(**kw), time_limit=time_limit)
+    env_class, generator = {
+        "rware": (RobotWarehouse, RWAREGenerator),
+        "lbf": (LevelBasedForaging, LBFGenerator),
+        "connector": (Connector, RandomWalkGenerator),
+    }[family]
+    env = env_class(generator=generator(**kw), time_limit=time_limit)
     n, a = env.action_spec.shape[0], int(env.action_spec.num_values[0])
     obs_dim = 6 * kw["grid_size"] ** 2 if family == "connector" else env.observation_spec.agents_view.shape[1]
     return Env(env, family, n, obs_dim, a, time_limit)
@@ -267,10 +257,23 @@ def make_env(env_id, num_agents=None):
 # ----------------------------------------------------------------------------------------------------------
 # Network
 # ----------------------------------------------------------------------------------------------------------
-# Multi-Agent Mamba (Daniel et al. 2024): MAT with every attention replaced by a Mamba block. Shapes: B envs,
-# N agents (the sequence axis), O obs, A actions, D = n_embd, E = expand * n_embd (d_inner), S = d_state.
+# Multi-Agent Mamba (Daniel et al. 2024): MAT with every attention replaced by a Mamba block. Shapes as at the
+# top (N is the sequence axis), and D = n_embd, E = expand * n_embd (d_inner), S = d_state.
 # Training decodes all agents at once (a full selective scan over the agents); `act` decodes one agent at a
 # time inside lax.scan, carrying each mixer's conv buffer and SSM state: O(1) work per agent.
+class MambaConfig(NamedTuple):
+    """The network's hyperparameters, named as the Args fields (the flags) they come from. Hashable, so it can
+    be a linen field shared by every Mamba block."""
+
+    n_block: int
+    n_embd: int
+    d_state: int
+    d_conv: int
+    expand: int
+    dt_rank: int
+    scan_mode: str  # "sequential" (lax.scan) or "parallel" (associative_scan) for the all-agents passes
+
+
 def dense(features, gain, use_bias=True):
     # MAT's init: orthogonal weights, zero biases; gain sqrt(2) before a GELU, 0.01 on residual-branch outputs
     return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.orthogonal(gain))
@@ -293,15 +296,6 @@ def shifted_tokens(actions, action_dim):
     return jax.nn.one_hot(prev, action_dim + 1)  # (B, N, A+1)
 
 
-class MambaConfig(NamedTuple):  # hashable, so it can be a linen field shared by every Mamba block
-    n_embd: int
-    d_state: int
-    d_conv: int
-    expand: int
-    dt_rank: int
-    scan_mode: str  # "sequential" (lax.scan) or "parallel" (associative_scan) for the all-agents passes
-
-
 def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
     """Mamba's init: softplus(bias) = dt, drawn log-uniformly in [dt_min, dt_max], so Δ starts in a useful range."""
     dt = jnp.exp(jax.random.uniform(key, shape, dtype, jnp.log(dt_min), jnp.log(dt_max)))
@@ -318,55 +312,49 @@ class Mixer(nn.Module):
     cross: bool = False
 
     def setup(self):
-        c, e = self.cfg, self.cfg.expand * self.cfg.n_embd
+        cfg, d_inner = self.cfg, self.cfg.expand * self.cfg.n_embd
         # projections and conv keep Flax's default init (lecun normal, zero bias), as in the authors' code
-        self.in_proj = nn.Dense(2 * e, use_bias=False)
-        self.conv_w = self.param("conv_w", nn.initializers.lecun_normal(), (c.d_conv, e))  # depthwise
-        self.conv_b = self.param("conv_b", nn.initializers.zeros, (e,))
-        self.x_proj = nn.Dense(c.dt_rank + (1 if self.cross else 2) * c.d_state, use_bias=False)
-        r = c.dt_rank**-0.5
-        self.dt_proj = nn.Dense(
-            e,
-            kernel_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -r, r),
-            bias_init=dt_bias_init,
-        )
+        self.in_proj = nn.Dense(2 * d_inner, use_bias=False)
+        self.conv_w = self.param("conv_w", nn.initializers.lecun_normal(), (cfg.d_conv, d_inner))  # depthwise
+        self.conv_b = self.param("conv_b", nn.initializers.zeros, (d_inner,))
+        self.x_proj = nn.Dense(cfg.dt_rank + (1 if self.cross else 2) * cfg.d_state, use_bias=False)
+        r = cfg.dt_rank**-0.5
+        dt_kernel_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -r, r)
+        self.dt_proj = nn.Dense(d_inner, kernel_init=dt_kernel_init, bias_init=dt_bias_init)
         # S4D-real: A = -(1, 2, ..., S) for every channel; D = 1 (skip connection)
-        self.A_log = self.param(
-            "A_log",
-            lambda k, s: jnp.log(jnp.broadcast_to(jnp.arange(1, s[1] + 1, dtype=jnp.float32), s)),
-            (e, c.d_state),
-        )
-        self.D = self.param("D", nn.initializers.ones, (e,))
-        self.out_proj = nn.Dense(c.n_embd, use_bias=False)
+        s4d_real = lambda key, shape: jnp.log(jnp.broadcast_to(jnp.arange(1, shape[1] + 1.0), shape))
+        self.A_log = self.param("A_log", s4d_real, (d_inner, cfg.d_state))
+        self.D = self.param("D", nn.initializers.ones, (d_inner,))
+        self.out_proj = nn.Dense(cfg.n_embd, use_bias=False)
         if self.cross:
-            self.c_proj = nn.Dense(c.d_state, use_bias=False)
+            self.c_proj = nn.Dense(cfg.d_state, use_bias=False)
 
-    def __call__(self, u, rep=None, state=None):
+    def __call__(self, u, rep=None, cache=None):
         """All agents: u, rep (B, N, D) -> (B, N, D), None.
-        One agent: u, rep (B, D), state = (conv_buf (B, d_conv-1, E), h (B, E, S)) -> (B, D), new state."""
-        c = self.cfg
+        One agent: u, rep (B, D), cache = (conv buffer (B, d_conv-1, E), h (B, E, S)) -> (B, D), new cache."""
+        cfg = self.cfg
         x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (B, [N,] E) each
         # causal depthwise conv: agent i sees inputs i-d_conv+1..i (zeros before agent 0); tap k multiplies the
         # input d_conv-1-k agents back. A sum of shifted slices: faster on XLA:CPU than stacked windows + einsum.
-        if state is None:
+        if cache is None:
             n = x.shape[1]
-            xp = jnp.pad(x, ((0, 0), (c.d_conv - 1, 0), (0, 0)))  # (B, N+d_conv-1, E)
-            taps = [xp[:, k : k + n] for k in range(c.d_conv)]  # d_conv x (B, N, E)
+            xp = jnp.pad(x, ((0, 0), (cfg.d_conv - 1, 0), (0, 0)))  # (B, N+d_conv-1, E)
+            taps = [xp[:, k : k + n] for k in range(cfg.d_conv)]  # d_conv x (B, N, E)
         else:  # the buffer holds the previous d_conv-1 inputs
-            windows = jnp.concatenate([state[0], x[:, None]], axis=1)  # (B, d_conv, E)
-            taps = [windows[:, k] for k in range(c.d_conv)]  # d_conv x (B, E)
+            windows = jnp.concatenate([cache[0], x[:, None]], axis=1)  # (B, d_conv, E)
+            taps = [windows[:, k] for k in range(cfg.d_conv)]  # d_conv x (B, E)
         x = nn.silu(sum(tap * w for tap, w in zip(taps, self.conv_w)) + self.conv_b)  # (B, [N,] E)
-        dt, B, C = jnp.split(self.x_proj(x), [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
+        dt, B, C = jnp.split(self.x_proj(x), [cfg.dt_rank, cfg.dt_rank + cfg.d_state], axis=-1)
         if self.cross:
             C = self.c_proj(rep)  # (B, [N,] S)
         delta = nn.softplus(self.dt_proj(dt))  # (B, [N,] E), positive
         A = -jnp.exp(self.A_log)  # (E, S), negative
-        if state is None:
-            y, state = selective_scan(x, delta, A, B, C, self.D, mode=c.scan_mode), None  # (B, N, E)
+        if cache is None:
+            y, cache = selective_scan(x, delta, A, B, C, self.D, mode=cfg.scan_mode), None  # (B, N, E)
         else:
-            h, y = selective_scan_step(state[1], x, delta, A, B, C, self.D)  # (B, E, S), (B, E)
-            state = (windows[:, 1:], h)
-        return self.out_proj(y * nn.silu(z)), state
+            h, y = selective_scan_step(cache[1], x, delta, A, B, C, self.D)  # (B, E, S), (B, E)
+            cache = (windows[:, 1:], h)
+        return self.out_proj(y * nn.silu(z)), cache
 
 
 class Mamba(nn.Module):
@@ -383,9 +371,9 @@ class Mamba(nn.Module):
         if self.cross:
             self.norm_rep = nn.RMSNorm()
 
-    def __call__(self, x, rep=None, state=None):
-        y, state = self.mixer(self.norm(x), self.norm_rep(rep) if self.cross else None, state)
-        return self.ln(x + y), state
+    def __call__(self, x, rep=None, cache=None):
+        y, cache = self.mixer(self.norm(x), self.norm_rep(rep) if self.cross else None, cache)
+        return self.ln(x + y), cache
 
 
 class BiMamba(Mamba):
@@ -424,35 +412,28 @@ class DecodeBlock(nn.Module):
         self.mlp = mlp(self.cfg.n_embd)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(), nn.LayerNorm(), nn.LayerNorm()
 
-    def __call__(self, x, rep, state=None):  # x, rep (B, N, D) with state None, (B, D) for one agent
-        s_self, s_cross = (None, None) if state is None else state
-        y, s_self = self.self_mamba(x, None, s_self)
+    def __call__(self, x, rep, cache=None):  # x, rep (B, N, D) with cache None, (B, D) for one agent
+        self_cache, cross_cache = (None, None) if cache is None else cache
+        y, self_cache = self.self_mamba(x, None, self_cache)
         x = self.ln1(x + y)
-        y, s_cross = self.cross_mamba(x, rep, s_cross)
+        y, cross_cache = self.cross_mamba(x, rep, cross_cache)
         x = self.ln2(rep + y)
-        return self.ln3(x + self.mlp(x)), (s_self, s_cross)
+        return self.ln3(x + self.mlp(x)), (self_cache, cross_cache)
 
 
 class MultiAgentMamba(nn.Module):
     action_dim: int
-    n_block: int = 1
-    n_embd: int = 64
-    d_state: int = 8
-    d_conv: int = 4
-    expand: int = 1
-    dt_rank: int = 4
-    scan_mode: str = "sequential"  # how the all-agents passes run the scan (benchmarks/scan.py: sequential)
+    cfg: MambaConfig
 
     def setup(self):
-        cfg = MambaConfig(self.n_embd, self.d_state, self.d_conv, self.expand, self.dt_rank, self.scan_mode)
-        D = self.n_embd
+        cfg, D = self.cfg, self.cfg.n_embd
         self.obs_embed = nn.Sequential([nn.LayerNorm(), dense(D, np.sqrt(2)), gelu])
         self.enc_ln = nn.LayerNorm()
-        self.enc_blocks = [EncodeBlock(cfg) for _ in range(self.n_block)]
+        self.enc_blocks = [EncodeBlock(cfg) for _ in range(cfg.n_block)]
         self.value_head = head(D, 1, gain=0.01)  # 0.01 on both heads, as MAT
         self.action_embed = nn.Sequential([dense(D, np.sqrt(2), use_bias=False), gelu])
         self.dec_ln = nn.LayerNorm()
-        self.dec_blocks = [DecodeBlock(cfg) for _ in range(self.n_block)]
+        self.dec_blocks = [DecodeBlock(cfg) for _ in range(cfg.n_block)]
         self.policy_head = head(D, self.action_dim, gain=0.01)
 
     def __call__(self, obs, action_mask, actions):  # training: teacher forcing on the taken actions
@@ -466,22 +447,23 @@ class MultiAgentMamba(nn.Module):
             x = block(x)
         return self.value_head(x)[..., 0], x
 
-    def decode(self, tokens, rep, state=None):
+    def decode(self, tokens, rep, cache=None):
         """All agents: tokens (B, N, A+1), rep (B, N, D) -> logits (B, N, A), None.
-        One agent: tokens (B, A+1), rep (B, D), state from init_decode_state -> logits (B, A), new state."""
+        One agent: tokens (B, A+1), rep (B, D), cache from init_cache -> logits (B, A), new cache."""
         x = self.dec_ln(self.action_embed(tokens))
-        new_state = []
+        new_cache = []
         for i, block in enumerate(self.dec_blocks):
-            x, s = block(x, rep, None if state is None else state[i])
-            new_state.append(s)
-        return self.policy_head(x), None if state is None else tuple(new_state)
+            x, block_cache = block(x, rep, None if cache is None else cache[i])
+            new_cache.append(block_cache)
+        return self.policy_head(x), None if cache is None else tuple(new_cache)
 
 
-def init_decode_state(network, batch):
-    """Zero state for acting: per block (self, cross), per mixer (conv_buf (B, d_conv-1, E), h (B, E, S))."""
-    e = network.expand * network.n_embd
-    mixer = (jnp.zeros((batch, network.d_conv - 1, e)), jnp.zeros((batch, e, network.d_state)))
-    return tuple((mixer, mixer) for _ in range(network.n_block))
+def init_cache(network, batch):
+    """Empty decoding cache: per block (self, cross), per mixer (conv buffer (B, d_conv-1, E), h (B, E, S))."""
+    cfg = network.cfg
+    d_inner = cfg.expand * cfg.n_embd
+    mixer = (jnp.zeros((batch, cfg.d_conv - 1, d_inner)), jnp.zeros((batch, d_inner, cfg.d_state)))
+    return tuple((mixer, mixer) for _ in range(cfg.n_block))
 
 
 def act(network, params, obs, action_mask, key, greedy=False):
@@ -490,17 +472,17 @@ def act(network, params, obs, action_mask, key, greedy=False):
     batch, n_agents, _ = obs.shape
 
     def step(carry, inputs):
-        token, state = carry  # (B, A+1), see init_decode_state
+        token, cache = carry  # (B, A+1), see init_cache
         rep_i, mask_i, key_i = inputs  # (B, D), (B, A), key
-        logits, state = network.apply(params, token, rep_i, state, method=network.decode)
+        logits, cache = network.apply(params, token, rep_i, cache, method=network.decode)
         logits = jnp.where(mask_i, logits, -1e9)  # (B, A)
         action = jnp.argmax(logits, axis=-1) if greedy else jax.random.categorical(key_i, logits)
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
-        return (jax.nn.one_hot(action + 1, network.action_dim + 1), state), (action, log_prob)
+        return (jax.nn.one_hot(action + 1, network.action_dim + 1), cache), (action, log_prob)
 
     start = jax.nn.one_hot(jnp.zeros(batch, jnp.int32), network.action_dim + 1)  # start token 0
     inputs = (jnp.swapaxes(rep, 0, 1), jnp.swapaxes(action_mask, 0, 1), jax.random.split(key, n_agents))
-    _, (actions, log_probs) = jax.lax.scan(step, (start, init_decode_state(network, batch)), inputs)
+    _, (actions, log_probs) = jax.lax.scan(step, (start, init_cache(network, batch)), inputs)
     return actions.T.astype(jnp.int32), log_probs.T, values  # (B, N) each
 
 
@@ -514,22 +496,11 @@ def init_params(network, key, env):
     return network.init(key, obs, mask, jnp.zeros((1, env.num_agents), jnp.int32))
 
 
-def build_network(args, env):
-    return MultiAgentMamba(
-        action_dim=env.action_dim, n_block=args.n_block, n_embd=args.n_embd, d_state=args.d_state,
-        d_conv=args.d_conv, expand=args.expand, dt_rank=args.dt_rank, scan_mode=args.scan_mode,
-    )  # fmt: skip
+def build_network(args, env):  # args: the flags, or a saved model's
+    return MultiAgentMamba(env.action_dim, MambaConfig(**{f: getattr(args, f) for f in MambaConfig._fields}))
 
 
-NETWORK_ARGS = (
-    "n_block",
-    "n_embd",
-    "d_state",
-    "d_conv",
-    "expand",
-    "dt_rank",
-    "scan_mode",
-)  # shape the network
+NETWORK_ARGS = MambaConfig._fields  # the Args fields that shape the network: a saved model brings its own
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -542,8 +513,8 @@ class Transition(NamedTuple):
     log_probs: jax.Array  # (B, N)
     values: jax.Array  # value of obs: (B,) for one team value, (B, N) for one per agent
     rewards: jax.Array  # (B,)
-    terminated: jax.Array  # (B,)
-    truncated: jax.Array  # (B,)
+    terminated: jax.Array  # (B,) bool
+    truncated: jax.Array  # (B,) bool
     final_values: jax.Array  # value of the true last observation, used where truncated (like values)
 
 
@@ -558,158 +529,135 @@ class Runner(NamedTuple):
     key: jax.Array
 
 
-def compute_gae(values, next_values, rewards, terminated, truncated, gamma, gae_lambda):
-    """GAE over time (axis 0). next_values[t] is the value of the state after step t: the next obs in the
-    rollout, or the true final obs where the episode was truncated. terminated cuts the bootstrap, any episode
-    end cuts the recursion. values may have an agent axis after (T, B): rewards and flags then broadcast."""
-    extra = (1,) * (values.ndim - rewards.ndim)
-    rewards, terminated, truncated = (x.reshape(x.shape + extra) for x in (rewards, terminated, truncated))
-    deltas = rewards + gamma * next_values * (1.0 - terminated) - values
-    not_done = 1.0 - jnp.maximum(terminated, truncated)
+def rollout(args, env, network, runner, pool_key, mesh=None):
+    """T steps of the B envs with the current policy. -> the runner after them, the Transitions (T, B, ...),
+    and the means over the episodes that ended in the rollout (NaN if none did)."""
+    B = args.num_envs
+    # Auto-reset from a pool of fresh start states made once per rollout: Jumanji's AutoResetWrapper would
+    # compute a reset for every env on every step under vmap, which costs more than the step itself.
+    # Each device resets its own envs.
+    pool = shard(jax.vmap(env.reset)(jax.random.split(pool_key, B)), mesh, P("data"))
 
-    def backward(adv_next, x):
-        delta, nd = x
-        adv = delta + gamma * gae_lambda * nd * adv_next
-        return adv, adv
+    def env_step(runner, _):
+        obs_t, mask_t = runner.obs, runner.action_mask
+        key, act_key = jax.random.split(runner.key)
+        params = runner.train_state.params
+        actions, log_probs, values = act(network, params, obs_t, mask_t, act_key)
+        state, obs, mask, reward, term, trunc, success = jax.vmap(env.step)(runner.env_state, actions)
+        # the value of the true final observation: compute_gae bootstraps from it where trunc
+        final_values = get_value(network, params, obs, mask)
+        transition = Transition(obs_t, mask_t, actions, log_probs, values, reward, term, trunc, final_values)
+        # an env whose episode ended starts over from the next unused state of the pool
+        done = term | trunc
+        pick = (jnp.arange(B) + runner.resets) % B
+        where_done = lambda new, old: jnp.where(done.reshape((B,) + (1,) * (old.ndim - 1)), new[pick], old)
+        state, obs, mask = jax.tree.map(where_done, pool, (state, obs, mask))
+        ep_return, ep_length = runner.ep_return + reward, runner.ep_length + 1
+        episode = dict(episodic_return=ep_return, episodic_length=ep_length, success=success)
+        ep_return, ep_length = jnp.where(done, 0.0, ep_return), jnp.where(done, 0, ep_length)
+        runner = Runner(runner.train_state, state, obs, mask, ep_return, ep_length, runner.resets + done, key)
+        return runner, (transition, done, episode)
+
+    runner, (traj, done, episodes) = jax.lax.scan(env_step, runner, None, args.num_steps)
+    n_done = done.sum()
+    finished_mean = lambda x: jnp.where(n_done > 0, (x * done).sum() / jnp.maximum(n_done, 1), jnp.nan)
+    metrics = {f"charts/{name}": finished_mean(x) for name, x in episodes.items()}
+    return runner, traj, {**metrics, "charts/episodes": n_done}
+
+
+def compute_gae(traj, last_values, gamma, gae_lambda):
+    """Advantages and returns of a rollout (T, B), or (T, B, N) with one value per agent. Step t bootstraps from
+    the value of the observation after it: values[t + 1] inside the rollout, last_values after its last step,
+    and final_values[t] (the true final observation's: the env has reset) where step t truncated the episode.
+    A termination bootstraps nothing; any episode end stops the recursion."""
+    values = traj.values
+    # rewards and flags (T, B) broadcast over the agent axis of values, if there is one
+    extra = (1,) * (values.ndim - traj.rewards.ndim)
+    per_env = (traj.rewards, traj.terminated, traj.truncated)
+    rewards, terminated, truncated = (x.reshape(x.shape + extra) for x in per_env)
+    next_values = jnp.concatenate([values[1:], last_values[None]])
+    next_values = jnp.where(truncated, traj.final_values, next_values)
+    deltas = rewards + gamma * next_values * (1.0 - terminated) - values
+    not_done = 1.0 - (terminated | truncated)
+
+    def backward(next_advantage, step):
+        delta, not_done_t = step
+        advantage = delta + gamma * gae_lambda * not_done_t * next_advantage
+        return advantage, advantage
 
     _, advantages = jax.lax.scan(backward, jnp.zeros_like(values[0]), (deltas, not_done), reverse=True)
     return advantages, advantages + values
 
 
-def make_update_step(args, env, network, tx, mesh=None):
-    """The whole PPO iteration (rollout, GAE, epochs x minibatches) as one pure function of the runner state.
-    With a device mesh, every minibatch is split over its devices: each computes the gradient of its share and
-    XLA averages them (an all-reduce), so the replicated params stay identical on every device."""
-    B, T, M = args.num_envs, args.num_steps, args.num_envs * args.num_steps // args.num_minibatches
+def ppo_loss(params, network, args, batch, advantages, returns):
+    """PPO's clipped surrogate, clipped value loss and entropy bonus on a minibatch of M transitions;
+    advantages and returns (M,) or (M, N) like batch.values. -> loss, its parts for the logs."""
+    # teacher forcing: every agent's logits given the actions the agents before it took
+    logits, values = network.apply(params, batch.obs, batch.action_mask, batch.actions)
+    log_probs = jax.nn.log_softmax(logits)  # (M, N, A)
+    new_log_probs = jnp.take_along_axis(log_probs, batch.actions[..., None], -1)[..., 0]  # (M, N)
+    log_ratio = new_log_probs - batch.log_probs
+    ratio = jnp.exp(log_ratio)
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    # a team advantage (M,) applies to every agent's ratio (M, N)
+    advantages = advantages.reshape(advantages.shape + (1,) * (ratio.ndim - advantages.ndim))
+    clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
+    if args.clip_vloss:
+        v_clipped = batch.values + jnp.clip(values - batch.values, -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * jnp.maximum((values - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((values - returns) ** 2).mean()
+    entropy = -(jnp.exp(log_probs) * log_probs).sum(-1).mean()
+    approx_kl = ((ratio - 1) - log_ratio).mean()
+    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+    info = dict(
+        policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, approx_kl=approx_kl, clipfrac=clipfrac
+    )
+    return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, info
 
-    def split(x, spec):  # pin an axis to the mesh's "data" axis (nothing to do on one device)
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    def env_step(carry, _):
-        runner, pool = carry
-        obs_t, mask_t = runner.obs, runner.action_mask
-        key, act_key = jax.random.split(runner.key)
-        params = runner.train_state.params
-        actions, log_probs, values = act(network, params, runner.obs, runner.action_mask, act_key)
-        state, obs, mask, reward, term, trunc, success = jax.vmap(env.step)(runner.env_state, actions)
-        final_values = get_value(network, params, obs, mask)  # bootstraps truncated episodes
-        # Auto-reset from a pool of fresh start states made once per rollout: Jumanji's AutoResetWrapper would
-        # compute a reset for every env on every step under vmap, which costs more than the step itself.
-        done = term | trunc
-        pick = (jnp.arange(B) + runner.resets) % B
-        fresh = jax.tree.map(lambda x: x[pick], pool)
-
-        def where_done(new, old):
-            return jnp.where(done.reshape((B,) + (1,) * (old.ndim - 1)), new, old)
-
-        state, obs, mask = jax.tree.map(where_done, fresh, (state, obs, mask))
-        ep_return, ep_length = runner.ep_return + reward, runner.ep_length + 1
-        episode = dict(done=done, ret=ep_return, length=ep_length, success=success)
-        runner = runner._replace(
-            env_state=state,
-            obs=obs,
-            action_mask=mask,
-            ep_return=jnp.where(done, 0.0, ep_return),
-            ep_length=jnp.where(done, 0, ep_length),
-            resets=runner.resets + done,
-            key=key,
-        )
-        f32 = jnp.float32
-        transition = Transition(
-            obs_t,
-            mask_t,
-            actions,
-            log_probs,
-            values,
-            reward,
-            term.astype(f32),
-            trunc.astype(f32),
-            final_values,
-        )
-        return (runner, pool), (transition, episode)
-
-    def loss_fn(params, batch, advantages, returns):
-        logits, values = network.apply(params, batch.obs, batch.action_mask, batch.actions)  # teacher forcing
-        log_probs = jax.nn.log_softmax(logits)  # (M, N, A)
-        new_log_probs = jnp.take_along_axis(log_probs, batch.actions[..., None], -1)[..., 0]  # (M, N)
-        log_ratio = new_log_probs - batch.log_probs
-        ratio = jnp.exp(log_ratio)
-        if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        advantages = advantages.reshape(advantages.shape + (1,) * (ratio.ndim - advantages.ndim))
-        pg_loss = jnp.maximum(
-            -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        ).mean()
-        if args.clip_vloss:
-            v_clipped = batch.values + jnp.clip(values - batch.values, -args.clip_coef, args.clip_coef)
-            v_loss = 0.5 * jnp.maximum((values - returns) ** 2, (v_clipped - returns) ** 2).mean()
-        else:
-            v_loss = 0.5 * ((values - returns) ** 2).mean()
-        entropy = -(jnp.exp(log_probs) * log_probs).sum(-1).mean()
-        loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-        approx_kl = ((ratio - 1) - log_ratio).mean()
-        clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
-        return loss, dict(
-            policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, approx_kl=approx_kl, clipfrac=clipfrac
-        )
+def ppo_update(args, network, train_state, data, key, mesh=None):
+    """update_epochs passes over the rollout's data (Transitions, advantages, returns; (T, B, ...) each), each
+    in num_minibatches shuffled minibatches of M. -> the new train state, the loss parts of every minibatch."""
+    batch_size = args.num_envs * args.num_steps
+    M = batch_size // args.num_minibatches
 
     def update_minibatch(train_state, minibatch):
-        batch, advantages, returns = minibatch
-        grads, info = jax.grad(loss_fn, has_aux=True)(train_state.params, batch, advantages, returns)
+        grads, info = jax.grad(ppo_loss, has_aux=True)(train_state.params, network, args, *minibatch)
         return train_state.apply_gradients(grads=grads), info
 
     def update_epoch(carry, _):
-        train_state, data, key = carry
+        train_state, key = carry
         key, perm_key = jax.random.split(key)
-        perm = jax.random.permutation(perm_key, B * T)
-        minibatches = jax.tree.map(
-            lambda x: split(
-                x.reshape((B * T,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:]), P(None, "data")
-            ),
-            data,
-        )  # (num_minibatches, M, ...), M split over the devices
+        perm = jax.random.permutation(perm_key, batch_size)
+        shuffle = lambda x: x.reshape((batch_size,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:])
+        # (num_minibatches, M, ...), each minibatch split over the devices
+        minibatches = shard(jax.tree.map(shuffle, data), mesh, P(None, "data"))
         train_state, info = jax.lax.scan(update_minibatch, train_state, minibatches)
-        return (train_state, data, key), info
+        return (train_state, key), info
+
+    (train_state, _), info = jax.lax.scan(update_epoch, (train_state, key), None, args.update_epochs)
+    return train_state, info
+
+
+def make_update_step(args, env, network, mesh=None):
+    """The whole PPO iteration as one pure function of the runner state. With a device mesh, every minibatch is
+    split over its devices: each computes the gradient of its share and XLA averages them (an all-reduce), so
+    the replicated params stay identical on every device."""
 
     def update_step(runner):
         key, pool_key, perm_key = jax.random.split(runner.key, 3)
-        pool = jax.vmap(env.reset)(jax.random.split(pool_key, B))  # fresh start states for this rollout
-        pool = jax.tree.map(lambda x: split(x, P("data")), pool)  # each device resets its own envs
-        (runner, _), (traj, episodes) = jax.lax.scan(env_step, (runner._replace(key=key), pool), None, T)
-        params = runner.train_state.params
-        last_values = get_value(network, params, runner.obs, runner.action_mask)
-        next_values = jnp.concatenate([traj.values[1:], last_values[None]])
-        next_values = jnp.where(
-            traj.truncated.reshape(traj.truncated.shape + (1,) * (traj.values.ndim - 2)) > 0,
-            traj.final_values,
-            next_values,
-        )
-        advantages, returns = compute_gae(
-            traj.values,
-            next_values,
-            traj.rewards,
-            traj.terminated,
-            traj.truncated,
-            args.gamma,
-            args.gae_lambda,
-        )
-        (train_state, _, _), info = jax.lax.scan(
-            update_epoch,
-            (runner.train_state, (traj, advantages, returns), perm_key),
-            None,
-            args.update_epochs,
-        )
-        done = episodes["done"]
-        n_done = done.sum()
-
-        def finished_mean(x):  # mean over the episodes that ended in this rollout (NaN if none did)
-            return jnp.where(n_done > 0, (x * done).sum() / jnp.maximum(n_done, 1), jnp.nan)
-
-        metrics = {f"losses/{k}": v.mean() for k, v in info.items()}
-        metrics["charts/episodic_return"] = finished_mean(episodes["ret"])
-        metrics["charts/episodic_length"] = finished_mean(episodes["length"])
-        metrics["charts/success"] = finished_mean(episodes["success"])
-        metrics["charts/episodes"] = n_done
+        # 1. rollout: T steps of the B envs with the current policy
+        runner, traj, metrics = rollout(args, env, network, runner._replace(key=key), pool_key, mesh)
+        # 2. advantages: GAE, bootstrapped from the value after the last step and at truncations
+        last_values = get_value(network, runner.train_state.params, runner.obs, runner.action_mask)
+        advantages, returns = compute_gae(traj, last_values, args.gamma, args.gae_lambda)
+        # 3. update: update_epochs x num_minibatches gradient steps on the PPO loss
+        data = (traj, advantages, returns)
+        train_state, info = ppo_update(args, network, runner.train_state, data, perm_key, mesh)
+        metrics.update({f"losses/{k}": v.mean() for k, v in info.items()})
         return runner._replace(train_state=train_state), metrics
 
     return update_step
@@ -734,29 +682,15 @@ def make_evaluate(args, env, network):
 
         carry = (state, obs, mask, jnp.ones(args.eval_episodes, bool), zeros, zeros, zeros)
         (_, _, _, _, ret, length, success), _ = jax.lax.scan(step, carry, jnp.arange(env.time_limit))
-        return {
-            "eval/episodic_return": ret.mean(),
-            "eval/episodic_length": length.mean(),
-            "eval/success": success.mean(),
-        }
+        episodes = dict(episodic_return=ret, episodic_length=length, success=success)
+        return {f"eval/{name}": x.mean() for name, x in episodes.items()}
 
     return evaluate
 
 
-def make_init_runner(args, env, network, tx):
-    def init_runner(key):
-        key, net_key, env_key = jax.random.split(key, 3)
-        train_state = TrainState.create(
-            apply_fn=network.apply, params=init_params(network, net_key, env), tx=tx
-        )
-        state, obs, mask = jax.vmap(env.reset)(jax.random.split(env_key, args.num_envs))
-        zeros = jnp.zeros(args.num_envs)
-        int_zeros = zeros.astype(jnp.int32)
-        return Runner(train_state, state, obs, mask, zeros, int_zeros, int_zeros, key)
-
-    return init_runner
-
-
+# ----------------------------------------------------------------------------------------------------------
+# Devices and seeds
+# ----------------------------------------------------------------------------------------------------------
 def make_mesh(args):
     """A 1-D mesh over --num-devices devices of every process (host); the env batch is split along "data"."""
     n = args.num_devices or jax.local_device_count()
@@ -764,10 +698,17 @@ def make_mesh(args):
     return Mesh(np.array(sum(hosts, [])), ("data",))
 
 
+def shard(tree, mesh, spec):
+    """Pin every leaf's axes to the mesh as spec says ("data": split over the devices); no-op without a mesh."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)), tree)
+
+
 def runner_shardings(mesh):
     """Runner fields (K seeds, B envs, ...) live split over the devices on B; train state and key replicated."""
-    split, replicated = NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())
-    return Runner(*(replicated if f in ("train_state", "key") else split for f in Runner._fields))
+    over_envs, replicated = NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())
+    return Runner(*(replicated if f in ("train_state", "key") else over_envs for f in Runner._fields))
 
 
 def over_seeds(f):
@@ -782,10 +723,27 @@ def over_seeds(f):
     return run
 
 
+def seed_keys(args, offset=0):
+    """One PRNG key per seed (K,): seed k of --num-seeds K draws what a run with --seed seed+k draws. Each use has
+    its own offset so that no two share a key stream: 0 trains (and evaluates a loaded model), 1000 * i is the
+    evaluation after iteration i, 10**6 the final evaluation."""
+    return jax.vmap(jax.random.PRNGKey)(args.seed + offset + jnp.arange(args.num_seeds))
+
+
 def init_runners(args, env, network, tx, keys):
     """One runner per seed, stacked on a leading seed axis. The seeds are initialised one after another because
     jit(vmap(init)) of MAT's many orthogonal inits deadlocks XLA:CPU (jax 0.10.2; found with --num-seeds 2)."""
-    init_runner = jax.jit(make_init_runner(args, env, network, tx))
+
+    @jax.jit
+    def init_runner(key):
+        key, net_key, env_key = jax.random.split(key, 3)
+        params = init_params(network, net_key, env)
+        train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
+        state, obs, mask = jax.vmap(env.reset)(jax.random.split(env_key, args.num_envs))
+        zeros = jnp.zeros(args.num_envs)
+        int_zeros = zeros.astype(jnp.int32)
+        return Runner(train_state, state, obs, mask, zeros, int_zeros, int_zeros, key)
+
     return jax.tree.map(lambda *x: jnp.stack(x), *[init_runner(key) for key in keys])
 
 
@@ -799,23 +757,18 @@ def fail(message):
 
 
 def check_args(args):
-    positive = ["num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "eval_episodes"]
-    for name in positive:
+    for name in ["num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "eval_episodes"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.eval_every < 0:
         fail(f"--eval-every must be 0 (only at the end) or more (got {args.eval_every})")
     if not (args.learning_rate > 0 and 0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         fail("--learning-rate must be > 0 and --gamma, --gae-lambda within [0, 1]")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        fail(
-            f"num_envs * num_steps = {batch_size} is not divisible by --num-minibatches {args.num_minibatches}"
-        )
-    if args.load_model is None and args.total_timesteps < batch_size:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is below one batch (num_envs * num_steps = {batch_size})"
-        )
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches:
+        fail(f"num_envs * num_steps = {batch} is not divisible by --num-minibatches {args.num_minibatches}")
+    if args.load_model is None and args.total_timesteps < batch:
+        fail(f"--total-timesteps {args.total_timesteps} is below one batch (num_envs * num_steps = {batch})")
     try:
         env_config(args.env_id, args.num_agents)
     except EnvError as e:
@@ -830,8 +783,10 @@ def check_args(args):
         fail(f"--num-envs {args.num_envs} is not divisible by the {devices} devices it is split over")
 
 
-def read_checkpoint(path):
-    """-> (saved args dict, raw params state dict) of a saved model; fails with one line if unreadable."""
+def read_checkpoint(args):
+    """--load-model: the saved model fixes the env and the network, the other flags (seed, eval_episodes...)
+    stay. -> args with the saved env and network, the params' raw state dict. Fails with one line if unreadable."""
+    path = args.load_model
     model_path = os.path.join(path, "model.msgpack") if os.path.isdir(path) else path
     args_path = os.path.join(os.path.dirname(model_path), "args.json")
     if not os.path.isfile(model_path):
@@ -843,23 +798,25 @@ def read_checkpoint(path):
             state = flax.serialization.msgpack_restore(f.read())
     except Exception as e:  # any unreadable file: say which, no traceback
         fail(f"--load-model: cannot read {model_path} / {args_path}: {type(e).__name__}: {e}")
-    return saved_args, state
+    try:
+        args = replace(args, **{k: saved_args[k] for k in ("env_id", "num_agents", *NETWORK_ARGS)})
+    except (KeyError, TypeError) as e:
+        fail(f"--load-model: args.json lacks {e}")
+    check_args(args)  # again: the saved env and network replaced the flags'
+    return args, state
 
 
 def load_params(network, env, state):
     """Params (with their leading seed axis) from a checkpoint's state dict, checked against the network."""
     try:
         num_seeds = jax.tree.leaves(state)[0].shape[0]
-        template = jax.eval_shape(
-            jax.vmap(lambda k: init_params(network, k, env)),
-            jax.random.split(jax.random.PRNGKey(0), num_seeds),
-        )
+        init = jax.vmap(lambda key: init_params(network, key, env))
+        template = jax.eval_shape(init, jax.random.split(jax.random.PRNGKey(0), num_seeds))
         params = flax.serialization.from_state_dict(template, state)
-        bad = [
-            jax.tree_util.keystr(p)
-            for p, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(template)), jax.tree.leaves(params))
-            if a.shape != b.shape
-        ]
+        bad = []  # the paths of the leaves whose saved shape is not the network's
+        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(params)):
+            if want.shape != got.shape:
+                bad.append(jax.tree_util.keystr(path))
     except Exception as e:
         fail(f"--load-model: the saved params do not fit this network ({type(e).__name__}: {e})")
     if bad:
@@ -867,29 +824,32 @@ def load_params(network, env, state):
     return jax.tree.map(jnp.asarray, params)
 
 
-def save_checkpoint(run_dir, args, params):
-    tmp = os.path.join(run_dir, "model.msgpack.tmp")
-    with open(tmp, "wb") as f:
-        f.write(flax.serialization.to_bytes(params))
-    os.replace(tmp, os.path.join(run_dir, "model.msgpack"))  # atomic: a crash never leaves half a model
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-
-
-class Logger:
-    """metrics.csv (deterministic numbers, one row per iteration and seed), timing.csv (SPS), optional wandb."""
+class Run:
+    """The run's folder runs/{run_name}/: metrics.csv (deterministic numbers, one row per iteration and seed),
+    timing.csv (SPS), the saved model, summary.json and, with --track, wandb."""
 
     COLUMNS = ["iteration", "seed", "global_step", "charts/episodic_return", "charts/episodic_length",
                "charts/success", "charts/episodes", "charts/learning_rate", "losses/value_loss", "losses/policy_loss",
                "losses/entropy", "losses/approx_kl", "losses/clipfrac", "eval/episodic_return",
                "eval/episodic_length", "eval/success"]  # fmt: skip
 
-    def __init__(self, run_dir, args, run_name):
+    def __init__(self, args, env):
+        default_kwargs, env_kwargs = ENVS[args.env_id][1], env_config(args.env_id, args.num_agents)[1]
+        if env_kwargs != default_kwargs:
+            changed = {k: v for k, v in env_kwargs.items() if default_kwargs[k] != v}
+            print(f"{args.env_id} with {args.num_agents} agents: generator resized to {changed}")
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        if jax.process_count() > 1:  # every host logs the same numbers; keep their folders apart
+            run_name += f"__p{jax.process_index()}"
+        self.dir = os.path.join("runs", run_name)
+        while os.path.exists(self.dir):
+            self.dir += "_"
+        os.makedirs(self.dir)
         self.args, self.wandb = args, None
-        self.metrics = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        self.metrics = open(os.path.join(self.dir, "metrics.csv"), "w", newline="")
         self.writer = csv.DictWriter(self.metrics, self.COLUMNS)
         self.writer.writeheader()
-        self.timing = open(os.path.join(run_dir, "timing.csv"), "w", newline="")
+        self.timing = open(os.path.join(self.dir, "timing.csv"), "w", newline="")
         self.timing.write("iteration,global_step,SPS,seconds\n")
         if args.track:
             import wandb
@@ -898,15 +858,16 @@ class Logger:
                 print("wandb: no login found, logging offline (sync later with `wandb sync`)")
                 os.environ["WANDB_MODE"] = "offline"
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                                    name=run_name, dir=run_dir, save_code=True)  # fmt: skip
+                                    name=run_name, dir=self.dir, save_code=True)  # fmt: skip
+        sizes = f"{env.num_agents} agents, obs {env.obs_dim}, actions {env.action_dim}"
+        print(f"run: {self.dir}  env: {args.env_id} ({sizes})")
 
     def log(self, iteration, global_step, metrics, sps=None, seconds=None):
         """metrics: name -> array (num_seeds,). Writes one row per seed; wandb gets the mean and each seed."""
         for k in range(self.args.num_seeds):
             row = {name: float(v[k]) for name, v in metrics.items() if name in self.COLUMNS}
-            self.writer.writerow(
-                {"iteration": iteration, "seed": self.args.seed + k, "global_step": global_step, **row}
-            )
+            row.update(iteration=iteration, seed=self.args.seed + k, global_step=global_step)
+            self.writer.writerow(row)
         self.metrics.flush()
         if sps is not None:
             self.timing.write(f"{iteration},{global_step},{sps:.1f},{seconds:.2f}\n")
@@ -914,25 +875,32 @@ class Logger:
         if self.wandb is not None:
             data = {name: float(np.nanmean(v)) for name, v in metrics.items()}
             if self.args.num_seeds > 1:
-                data.update(
-                    {
-                        f"seed{self.args.seed + k}/{n}": float(v[k])
-                        for n, v in metrics.items()
-                        for k in range(len(v))
-                    }
-                )
+                for n, v in metrics.items():
+                    data.update({f"seed{self.args.seed + k}/{n}": float(v[k]) for k in range(len(v))})
             if sps is not None:
                 data["charts/SPS"] = sps
             self.wandb.log(data, step=global_step)
 
-    def close(self):
+    def save_model(self, params):
+        tmp = os.path.join(self.dir, "model.msgpack.tmp")
+        with open(tmp, "wb") as f:
+            f.write(flax.serialization.to_bytes(params))
+        os.replace(tmp, os.path.join(self.dir, "model.msgpack"))  # atomic: a crash never leaves half a model
+        with open(os.path.join(self.dir, "args.json"), "w") as f:
+            json.dump(asdict(self.args), f, indent=2)
+
+    def finish(self, results, iteration, step, **summary):
+        """Logs the final evaluation, then writes summary.json, last: it marks a complete run."""
+        self.log(iteration, step, results)
         self.metrics.close()
         self.timing.close()
         if self.wandb is not None:
             self.wandb.finish()
+        with open(os.path.join(self.dir, "summary.json"), "w") as f:
+            json.dump({**{k: np.asarray(v).tolist() for k, v in results.items()}, **summary}, f, indent=2)
 
 
-def fmt(values):
+def format_mean(values):
     """Mean of a (num_seeds,) array for the progress line; 'n/a' when no episode ended."""
     values = np.asarray(values, dtype=np.float64)
     return "n/a" if np.all(np.isnan(values)) else f"{np.nanmean(values):.3f}"
@@ -956,66 +924,38 @@ def init_distributed():
 def main(args):
     init_distributed()
     check_args(args)
-    loaded = None
+    checkpoint = None
     if args.load_model is not None:
-        saved_args, loaded = read_checkpoint(args.load_model)
-        try:  # the saved model fixes the env and the network; the rest (seed, eval_episodes) comes from the flags
-            args = replace(args, **{k: saved_args[k] for k in ("env_id", "num_agents", *NETWORK_ARGS)})
-        except (KeyError, TypeError) as e:
-            fail(f"--load-model: args.json lacks {e}")
-        check_args(args)
-    family, env_kwargs, _ = env_config(args.env_id, args.num_agents)
-    if env_kwargs != ENVS[args.env_id][1]:
-        changed = {k: v for k, v in env_kwargs.items() if ENVS[args.env_id][1][k] != v}
-        print(f"{args.env_id} with {args.num_agents} agents: generator resized to {changed}")
-
+        args, checkpoint = read_checkpoint(args)
     env = make_env(args.env_id, args.num_agents)
     network = build_network(args, env)
-    batch_size = args.num_envs * args.num_steps
-    num_iterations = args.total_timesteps // batch_size
-    updates = num_iterations * args.update_epochs * args.num_minibatches
-    lr = optax.linear_schedule(args.learning_rate, 0.0, updates) if args.anneal_lr else args.learning_rate
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
-    keys = jax.vmap(jax.random.PRNGKey)(
-        args.seed + jnp.arange(args.num_seeds)
-    )  # seed k == a run with seed + k
-    evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
-
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if jax.process_count() > 1:  # every host logs the same numbers; keep their folders apart
-        run_name += f"__p{jax.process_index()}"
-    run_dir = os.path.join("runs", run_name)
-    while os.path.exists(run_dir):
-        run_dir += "_"
-    os.makedirs(run_dir)
-    logger = Logger(run_dir, args, run_name)
-    print(
-        f"run: {run_dir}  env: {args.env_id} ({env.num_agents} agents, obs {env.obs_dim}, actions {env.action_dim})"
-    )
-
-    if loaded is not None:  # evaluate a saved model (all its seeds), no training
-        params = load_params(network, env, loaded)
+    if checkpoint is not None:  # a saved model is evaluated over all its seeds
+        params = load_params(network, env, checkpoint)
         args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
-        logger.args = args
-        eval_keys = jax.vmap(jax.random.PRNGKey)(args.seed + jnp.arange(args.num_seeds))
-        results = jax.device_get(evaluate(params, eval_keys))
-        print(
-            f"eval/episodic_return={fmt(results['eval/episodic_return'])}  per seed: {results['eval/episodic_return']}"
-        )
-        logger.log(0, 0, results)
-        logger.close()
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({k: np.asarray(v).tolist() for k, v in results.items()}, f, indent=2)
+    evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
+    run = Run(args, env)
+    if checkpoint is not None:  # evaluate it, no training
+        results = jax.device_get(evaluate(params, seed_keys(args)))
+        returns = results["eval/episodic_return"]
+        print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
+        run.finish(results, 0, 0)
         return results
 
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    updates_per_iteration = args.update_epochs * args.num_minibatches
+    updates = num_iterations * updates_per_iteration
+    lr = optax.linear_schedule(args.learning_rate, 0.0, updates) if args.anneal_lr else args.learning_rate
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
     mesh = make_mesh(args)
     shardings = runner_shardings(mesh)
-    runners = jax.device_put(init_runners(args, env, network, tx, keys), shardings)
-    update_step = over_seeds(make_update_step(args, env, network, tx, mesh))
+    runners = jax.device_put(init_runners(args, env, network, tx, seed_keys(args)), shardings)
+    update_step = over_seeds(make_update_step(args, env, network, mesh))
     update = jax.jit(update_step, out_shardings=(shardings, NamedSharding(mesh, P())))
     t0 = time.time()
     update = update.lower(runners).compile()
-    evaluate = evaluate.lower(runners.train_state.params, keys).compile()  # not inside the timed loop
+    # compiled here, not inside the timed loop
+    evaluate = evaluate.lower(runners.train_state.params, seed_keys(args)).compile()
     print(
         f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {num_iterations} iterations of {batch_size} steps"
         f" on {mesh.size} device(s)"
@@ -1028,31 +968,24 @@ def main(args):
         global_step = iteration * batch_size
         seconds = time.time() - start
         sps = args.num_seeds * global_step / seconds
-        lr_now = lr(iteration * args.update_epochs * args.num_minibatches) if args.anneal_lr else lr
+        lr_now = lr(iteration * updates_per_iteration) if args.anneal_lr else lr
         metrics["charts/learning_rate"] = np.full(args.num_seeds, lr_now)
-        line = f"iter {iteration}/{num_iterations} global_step={global_step} episodic_return={fmt(metrics['charts/episodic_return'])}"
+        line = f"iter {iteration}/{num_iterations} global_step={global_step} episodic_return={format_mean(metrics['charts/episodic_return'])}"
         if args.eval_every and iteration % args.eval_every == 0 and iteration != num_iterations:
-            eval_keys = jax.vmap(jax.random.PRNGKey)(
-                args.seed + 1000 * iteration + jnp.arange(args.num_seeds)
-            )
+            eval_keys = seed_keys(args, 1000 * iteration)
             metrics.update(jax.device_get(evaluate(runners.train_state.params, eval_keys)))
-            line += f" eval/episodic_return={fmt(metrics['eval/episodic_return'])}"
+            line += f" eval/episodic_return={format_mean(metrics['eval/episodic_return'])}"
         print(f"{line} SPS={sps:.0f}", flush=True)
-        logger.log(iteration, global_step, metrics, sps, seconds)
+        run.log(iteration, global_step, metrics, sps, seconds)
         if args.save_model and (iteration % max(1, num_iterations // 10) == 0 or iteration == num_iterations):
-            save_checkpoint(run_dir, args, runners.train_state.params)
+            run.save_model(runners.train_state.params)
 
-    eval_keys = jax.vmap(jax.random.PRNGKey)(args.seed + 10**6 + jnp.arange(args.num_seeds))
-    results = jax.device_get(evaluate(runners.train_state.params, eval_keys))
-    logger.log(num_iterations, num_iterations * batch_size, results)
-    logger.close()
-    summary = {k: np.asarray(v).tolist() for k, v in results.items()}
-    summary.update(global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a complete run
-        json.dump(summary, f, indent=2)
+    results = jax.device_get(evaluate(runners.train_state.params, seed_keys(args, 10**6)))
+    summary = dict(global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
+    run.finish(results, num_iterations, num_iterations * batch_size, **summary)
     print(
-        f"trained: episodic_return={fmt(metrics['charts/episodic_return'])} (sampled actions, last iteration), "
-        f"eval/episodic_return={fmt(results['eval/episodic_return'])} ({'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed)"
+        f"trained: episodic_return={format_mean(metrics['charts/episodic_return'])} (sampled actions, last iteration), "
+        f"eval/episodic_return={format_mean(results['eval/episodic_return'])} ({'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed)"
     )
     return results
 

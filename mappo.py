@@ -28,6 +28,9 @@ from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+# Shapes in the comments: K seeds, T rollout steps (num_steps), B envs (num_envs), M minibatch size
+# (T * B / num_minibatches), N agents, O observation features per agent, A actions per agent.
+
 
 @dataclass
 class Args:
@@ -111,7 +114,7 @@ def _lbf(grid, fov, agents, food, coop=False):
     return ("lbf", kw, 100)
 
 
-def _con(grid, agents, time_limit=None):
+def _connector(grid, agents, time_limit=None):
     return ("connector", dict(grid_size=grid, num_agents=agents), time_limit or grid * grid)
 
 
@@ -127,13 +130,13 @@ ENVS = {
     "lbf-15x15-3p-5f": _lbf(15, 15, 3, 5),
     "lbf-15x15-4p-3f": _lbf(15, 15, 4, 3),
     "lbf-15x15-4p-5f": _lbf(15, 15, 4, 5),
-    "con-5x5x3a": _con(5, 3),
-    "con-7x7x5a": _con(7, 5),
-    "con-10x10x10a": _con(10, 10),
-    "con-15x15x23a": _con(15, 23),
+    "con-5x5x3a": _connector(5, 3),
+    "con-7x7x5a": _connector(7, 5),
+    "con-10x10x10a": _connector(10, 10),
+    "con-15x15x23a": _connector(15, 23),
     "RobotWarehouse-v0": _rware(2, 4, 8),
     "LevelBasedForaging-v0": _lbf(8, 8, 2, 2, coop=True),
-    "Connector-v3": _con(10, 10, time_limit=50),
+    "Connector-v3": _connector(10, 10, time_limit=50),
 }
 SUCCESS_KEY = {"rware": None, "lbf": "percent_eaten", "connector": "ratio_connections"}
 
@@ -153,12 +156,10 @@ def env_config(env_id, num_agents=None):
     if num_agents < 1:
         raise EnvError(f"--num-agents must be a positive number of agents (got {num_agents})")
     kw["num_agents"] = num_agents
-    if (
-        family == "rware"
-    ):  # agents spawn on any cell: keep >= 3 cells per agent, alternately widen and lengthen
-        while ((kw["column_height"] + 1) * kw["shelf_rows"] + 2) * (
-            3 * kw["shelf_columns"] + 1
-        ) < 3 * num_agents:
+    if family == "rware":
+        # agents spawn on any cell: keep >= 3 cells per agent, alternately widen and lengthen
+        cells = lambda: ((kw["column_height"] + 1) * kw["shelf_rows"] + 2) * (3 * kw["shelf_columns"] + 1)
+        while cells() < 3 * num_agents:
             if kw["shelf_columns"] <= 3 * kw["shelf_rows"]:
                 kw["shelf_columns"] += 2  # Jumanji wants an odd number of shelf columns
             else:
@@ -195,9 +196,7 @@ class Env(NamedTuple):
         grid = observation.grid  # (G, G)
         owner, kind = (grid - 1) // 3, (grid - 1) % 3
         own = owner[None] == jnp.arange(self.num_agents)[:, None, None]  # (N, G, G)
-        planes = [
-            (grid > 0) & (kind == k) & (own if mine else ~own) for mine in (True, False) for k in range(3)
-        ]
+        planes = [(grid > 0) & (kind == k) & whose for whose in (own, ~own) for k in range(3)]
         return jnp.stack(planes, -1).reshape(self.num_agents, -1).astype(jnp.float32)  # (N, 6 G^2)
 
     def reset(self, key):
@@ -207,40 +206,31 @@ class Env(NamedTuple):
     def step(self, state, actions):
         """-> state, obs (N, O), action mask (N, A), team reward, terminated, truncated, success figure."""
         state, ts = self.env.step(state, actions)
+        obs = ts.observation
         # Every family ends at its time limit with step_count == time_limit: that is a truncation (bootstrap),
         # also for RWARE, which reports discount 0 there. Anything else that ends an episode is a termination.
-        truncated = ts.last() & (ts.observation.step_count >= self.time_limit)
+        truncated = ts.last() & (obs.step_count >= self.time_limit)
         terminated = ts.last() & ~truncated
         key = SUCCESS_KEY[self.family]
         success = ts.extras[key].astype(jnp.float32) if key else jnp.float32(jnp.nan)
         reward = jnp.sum(ts.reward)  # team reward: RWARE's is a scalar, LBF and Connector give one per agent
-        return (
-            state,
-            self.observe(ts.observation),
-            ts.observation.action_mask,
-            reward,
-            terminated,
-            truncated,
-            success,
-        )
+        return state, self.observe(obs), obs.action_mask, reward, terminated, truncated, success
 
 
 def make_env(env_id, num_agents=None):
-    import jumanji  # here, not at the top: importing it starts XLA, which jax.distributed.initialize() must precede
+    # jumanji here, not at the top: importing it starts XLA, which jax.distributed.initialize() must precede
+    from jumanji.environments import Connector, LevelBasedForaging, RobotWarehouse
+    from jumanji.environments.routing.connector.generator import RandomWalkGenerator
+    from jumanji.environments.routing.lbf.generator import RandomGenerator as LBFGenerator
+    from jumanji.environments.routing.robot_warehouse.generator import RandomGenerator as RWAREGenerator
 
     family, kw, time_limit = env_config(env_id, num_agents)
-    if family == "rware":
-        from jumanji.environments.routing.robot_warehouse.generator import RandomGenerator
-
-        env = jumanji.environments.RobotWarehouse(generator=RandomGenerator(**kw), time_limit=time_limit)
-    elif family == "lbf":
-        from jumanji.environments.routing.lbf.generator import RandomGenerator
-
-        env = jumanji.environments.LevelBasedForaging(generator=RandomGenerator(**kw), time_limit=time_limit)
-    else:
-        from jumanji.environments.routing.connector.generator import RandomWalkGenerator
-
-        env = jumanji.environments.Connector(generator=RandomWalkGenerator(**kw), time_limit=time_limit)
+    env_class, generator = {
+        "rware": (RobotWarehouse, RWAREGenerator),
+        "lbf": (LevelBasedForaging, LBFGenerator),
+        "connector": (Connector, RandomWalkGenerator),
+    }[family]
+    env = env_class(generator=generator(**kw), time_limit=time_limit)
     n, a = env.action_spec.shape[0], int(env.action_spec.num_values[0])
     obs_dim = 6 * kw["grid_size"] ** 2 if family == "connector" else env.observation_spec.agents_view.shape[1]
     return Env(env, family, n, obs_dim, a, time_limit)
@@ -249,6 +239,12 @@ def make_env(env_id, num_agents=None):
 # ----------------------------------------------------------------------------------------------------------
 # Network
 # ----------------------------------------------------------------------------------------------------------
+class MAPPOConfig(NamedTuple):
+    """The network's hyperparameters, named as the Args fields (the flags) they come from."""
+
+    hidden_dim: int
+
+
 def dense(features, scale=np.sqrt(2)):
     return nn.Dense(features, kernel_init=nn.initializers.orthogonal(scale), bias_init=nn.initializers.zeros)
 
@@ -257,20 +253,21 @@ class MAPPONetwork(nn.Module):
     """Shared actor over (own observation, one-hot agent id) and a centralised critic over all observations."""
 
     action_dim: int
-    hidden_dim: int = 128
+    cfg: MAPPOConfig
 
     @nn.compact
     def __call__(self, obs, action_mask):  # obs (B, N, O), action_mask (B, N, A)
         b, n, _ = obs.shape
+        hidden = self.cfg.hidden_dim
         ids = jnp.broadcast_to(jnp.eye(n), (b, n, n))  # one-hot agent id: one set of weights, N roles
         x = jnp.concatenate([obs, ids], -1)  # (B, N, O + N)
-        x = nn.relu(dense(self.hidden_dim)(x))
-        x = nn.relu(dense(self.hidden_dim)(x))
+        x = nn.relu(dense(hidden)(x))
+        x = nn.relu(dense(hidden)(x))
         logits = dense(self.action_dim, 0.01)(x)  # (B, N, A)
         logits = jnp.where(action_mask, logits, -1e9)  # illegal actions get probability 0 (finite: no NaN)
         v = obs.reshape(b, n * obs.shape[-1])  # global state (B, N * O)
-        v = nn.relu(dense(self.hidden_dim)(v))
-        v = nn.relu(dense(self.hidden_dim)(v))
+        v = nn.relu(dense(hidden)(v))
+        v = nn.relu(dense(hidden)(v))
         values = dense(1, 1.0)(v)[:, 0]  # (B,) one value for the team
         return logits, values
 
@@ -292,11 +289,11 @@ def init_params(network, key, env):
     return network.init(key, obs, jnp.ones((1, env.num_agents, env.action_dim), bool))
 
 
-def build_network(args, env):
-    return MAPPONetwork(action_dim=env.action_dim, hidden_dim=args.hidden_dim)
+def build_network(args, env):  # args: the flags, or a saved model's
+    return MAPPONetwork(env.action_dim, MAPPOConfig(**{f: getattr(args, f) for f in MAPPOConfig._fields}))
 
 
-NETWORK_ARGS = ("hidden_dim",)  # the Args fields that shape the network: a saved model brings its own
+NETWORK_ARGS = MAPPOConfig._fields  # the Args fields that shape the network: a saved model brings its own
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,8 +306,8 @@ class Transition(NamedTuple):
     log_probs: jax.Array  # (B, N)
     values: jax.Array  # value of obs: (B,) for one team value, (B, N) for one per agent
     rewards: jax.Array  # (B,)
-    terminated: jax.Array  # (B,)
-    truncated: jax.Array  # (B,)
+    terminated: jax.Array  # (B,) bool
+    truncated: jax.Array  # (B,) bool
     final_values: jax.Array  # value of the true last observation, used where truncated (like values)
 
 
@@ -325,158 +322,134 @@ class Runner(NamedTuple):
     key: jax.Array
 
 
-def compute_gae(values, next_values, rewards, terminated, truncated, gamma, gae_lambda):
-    """GAE over time (axis 0). next_values[t] is the value of the state after step t: the next obs in the
-    rollout, or the true final obs where the episode was truncated. terminated cuts the bootstrap, any episode
-    end cuts the recursion. values may have an agent axis after (T, B): rewards and flags then broadcast."""
-    extra = (1,) * (values.ndim - rewards.ndim)
-    rewards, terminated, truncated = (x.reshape(x.shape + extra) for x in (rewards, terminated, truncated))
-    deltas = rewards + gamma * next_values * (1.0 - terminated) - values
-    not_done = 1.0 - jnp.maximum(terminated, truncated)
+def rollout(args, env, network, runner, pool_key, mesh=None):
+    """T steps of the B envs with the current policy. -> the runner after them, the Transitions (T, B, ...),
+    and the means over the episodes that ended in the rollout (NaN if none did)."""
+    B = args.num_envs
+    # Auto-reset from a pool of fresh start states made once per rollout: Jumanji's AutoResetWrapper would
+    # compute a reset for every env on every step under vmap, which costs more than the step itself.
+    # Each device resets its own envs.
+    pool = shard(jax.vmap(env.reset)(jax.random.split(pool_key, B)), mesh, P("data"))
 
-    def backward(adv_next, x):
-        delta, nd = x
-        adv = delta + gamma * gae_lambda * nd * adv_next
-        return adv, adv
+    def env_step(runner, _):
+        obs_t, mask_t = runner.obs, runner.action_mask
+        key, act_key = jax.random.split(runner.key)
+        params = runner.train_state.params
+        actions, log_probs, values = act(network, params, obs_t, mask_t, act_key)
+        state, obs, mask, reward, term, trunc, success = jax.vmap(env.step)(runner.env_state, actions)
+        # the value of the true final observation: compute_gae bootstraps from it where trunc
+        final_values = get_value(network, params, obs, mask)
+        transition = Transition(obs_t, mask_t, actions, log_probs, values, reward, term, trunc, final_values)
+        # an env whose episode ended starts over from the next unused state of the pool
+        done = term | trunc
+        pick = (jnp.arange(B) + runner.resets) % B
+        where_done = lambda new, old: jnp.where(done.reshape((B,) + (1,) * (old.ndim - 1)), new[pick], old)
+        state, obs, mask = jax.tree.map(where_done, pool, (state, obs, mask))
+        ep_return, ep_length = runner.ep_return + reward, runner.ep_length + 1
+        episode = dict(episodic_return=ep_return, episodic_length=ep_length, success=success)
+        ep_return, ep_length = jnp.where(done, 0.0, ep_return), jnp.where(done, 0, ep_length)
+        runner = Runner(runner.train_state, state, obs, mask, ep_return, ep_length, runner.resets + done, key)
+        return runner, (transition, done, episode)
+
+    runner, (traj, done, episodes) = jax.lax.scan(env_step, runner, None, args.num_steps)
+    n_done = done.sum()
+    finished_mean = lambda x: jnp.where(n_done > 0, (x * done).sum() / jnp.maximum(n_done, 1), jnp.nan)
+    metrics = {f"charts/{name}": finished_mean(x) for name, x in episodes.items()}
+    return runner, traj, {**metrics, "charts/episodes": n_done}
+
+
+def compute_gae(traj, last_values, gamma, gae_lambda):
+    """Advantages and returns of a rollout (T, B), or (T, B, N) with one value per agent. Step t bootstraps from
+    the value of the observation after it: values[t + 1] inside the rollout, last_values after its last step,
+    and final_values[t] (the true final observation's: the env has reset) where step t truncated the episode.
+    A termination bootstraps nothing; any episode end stops the recursion."""
+    values = traj.values
+    # rewards and flags (T, B) broadcast over the agent axis of values, if there is one
+    extra = (1,) * (values.ndim - traj.rewards.ndim)
+    per_env = (traj.rewards, traj.terminated, traj.truncated)
+    rewards, terminated, truncated = (x.reshape(x.shape + extra) for x in per_env)
+    next_values = jnp.concatenate([values[1:], last_values[None]])
+    next_values = jnp.where(truncated, traj.final_values, next_values)
+    deltas = rewards + gamma * next_values * (1.0 - terminated) - values
+    not_done = 1.0 - (terminated | truncated)
+
+    def backward(next_advantage, step):
+        delta, not_done_t = step
+        advantage = delta + gamma * gae_lambda * not_done_t * next_advantage
+        return advantage, advantage
 
     _, advantages = jax.lax.scan(backward, jnp.zeros_like(values[0]), (deltas, not_done), reverse=True)
     return advantages, advantages + values
 
 
-def make_update_step(args, env, network, tx, mesh=None):
-    """The whole PPO iteration (rollout, GAE, epochs x minibatches) as one pure function of the runner state.
-    With a device mesh, every minibatch is split over its devices: each computes the gradient of its share and
-    XLA averages them (an all-reduce), so the replicated params stay identical on every device."""
-    B, T, M = args.num_envs, args.num_steps, args.num_envs * args.num_steps // args.num_minibatches
+def ppo_loss(params, network, args, batch, advantages, returns):
+    """PPO's clipped surrogate, clipped value loss and entropy bonus on a minibatch of M transitions;
+    advantages and returns (M,) or (M, N) like batch.values. -> loss, its parts for the logs."""
+    logits, values = network.apply(params, batch.obs, batch.action_mask)
+    log_probs = jax.nn.log_softmax(logits)  # (M, N, A)
+    new_log_probs = jnp.take_along_axis(log_probs, batch.actions[..., None], -1)[..., 0]  # (M, N)
+    log_ratio = new_log_probs - batch.log_probs
+    ratio = jnp.exp(log_ratio)
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    # a team advantage (M,) applies to every agent's ratio (M, N)
+    advantages = advantages.reshape(advantages.shape + (1,) * (ratio.ndim - advantages.ndim))
+    clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio).mean()
+    if args.clip_vloss:
+        v_clipped = batch.values + jnp.clip(values - batch.values, -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * jnp.maximum((values - returns) ** 2, (v_clipped - returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((values - returns) ** 2).mean()
+    entropy = -(jnp.exp(log_probs) * log_probs).sum(-1).mean()
+    approx_kl = ((ratio - 1) - log_ratio).mean()
+    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+    info = dict(
+        policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, approx_kl=approx_kl, clipfrac=clipfrac
+    )
+    return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, info
 
-    def split(x, spec):  # pin an axis to the mesh's "data" axis (nothing to do on one device)
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    def env_step(carry, _):
-        runner, pool = carry
-        obs_t, mask_t = runner.obs, runner.action_mask
-        key, act_key = jax.random.split(runner.key)
-        params = runner.train_state.params
-        actions, log_probs, values = act(network, params, runner.obs, runner.action_mask, act_key)
-        state, obs, mask, reward, term, trunc, success = jax.vmap(env.step)(runner.env_state, actions)
-        final_values = get_value(network, params, obs, mask)  # bootstraps truncated episodes
-        # Auto-reset from a pool of fresh start states made once per rollout: Jumanji's AutoResetWrapper would
-        # compute a reset for every env on every step under vmap, which costs more than the step itself.
-        done = term | trunc
-        pick = (jnp.arange(B) + runner.resets) % B
-        fresh = jax.tree.map(lambda x: x[pick], pool)
-
-        def where_done(new, old):
-            return jnp.where(done.reshape((B,) + (1,) * (old.ndim - 1)), new, old)
-
-        state, obs, mask = jax.tree.map(where_done, fresh, (state, obs, mask))
-        ep_return, ep_length = runner.ep_return + reward, runner.ep_length + 1
-        episode = dict(done=done, ret=ep_return, length=ep_length, success=success)
-        runner = runner._replace(
-            env_state=state,
-            obs=obs,
-            action_mask=mask,
-            ep_return=jnp.where(done, 0.0, ep_return),
-            ep_length=jnp.where(done, 0, ep_length),
-            resets=runner.resets + done,
-            key=key,
-        )
-        f32 = jnp.float32
-        transition = Transition(
-            obs_t,
-            mask_t,
-            actions,
-            log_probs,
-            values,
-            reward,
-            term.astype(f32),
-            trunc.astype(f32),
-            final_values,
-        )
-        return (runner, pool), (transition, episode)
-
-    def loss_fn(params, batch, advantages, returns):
-        logits, values = network.apply(params, batch.obs, batch.action_mask)
-        log_probs = jax.nn.log_softmax(logits)  # (M, N, A)
-        new_log_probs = jnp.take_along_axis(log_probs, batch.actions[..., None], -1)[..., 0]  # (M, N)
-        log_ratio = new_log_probs - batch.log_probs
-        ratio = jnp.exp(log_ratio)
-        if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        advantages = advantages.reshape(advantages.shape + (1,) * (ratio.ndim - advantages.ndim))
-        pg_loss = jnp.maximum(
-            -advantages * ratio, -advantages * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        ).mean()
-        if args.clip_vloss:
-            v_clipped = batch.values + jnp.clip(values - batch.values, -args.clip_coef, args.clip_coef)
-            v_loss = 0.5 * jnp.maximum((values - returns) ** 2, (v_clipped - returns) ** 2).mean()
-        else:
-            v_loss = 0.5 * ((values - returns) ** 2).mean()
-        entropy = -(jnp.exp(log_probs) * log_probs).sum(-1).mean()
-        loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-        approx_kl = ((ratio - 1) - log_ratio).mean()
-        clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
-        return loss, dict(
-            policy_loss=pg_loss, value_loss=v_loss, entropy=entropy, approx_kl=approx_kl, clipfrac=clipfrac
-        )
+def ppo_update(args, network, train_state, data, key, mesh=None):
+    """update_epochs passes over the rollout's data (Transitions, advantages, returns; (T, B, ...) each), each
+    in num_minibatches shuffled minibatches of M. -> the new train state, the loss parts of every minibatch."""
+    batch_size = args.num_envs * args.num_steps
+    M = batch_size // args.num_minibatches
 
     def update_minibatch(train_state, minibatch):
-        batch, advantages, returns = minibatch
-        grads, info = jax.grad(loss_fn, has_aux=True)(train_state.params, batch, advantages, returns)
+        grads, info = jax.grad(ppo_loss, has_aux=True)(train_state.params, network, args, *minibatch)
         return train_state.apply_gradients(grads=grads), info
 
     def update_epoch(carry, _):
-        train_state, data, key = carry
+        train_state, key = carry
         key, perm_key = jax.random.split(key)
-        perm = jax.random.permutation(perm_key, B * T)
-        minibatches = jax.tree.map(
-            lambda x: split(
-                x.reshape((B * T,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:]), P(None, "data")
-            ),
-            data,
-        )  # (num_minibatches, M, ...), M split over the devices
+        perm = jax.random.permutation(perm_key, batch_size)
+        shuffle = lambda x: x.reshape((batch_size,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:])
+        # (num_minibatches, M, ...), each minibatch split over the devices
+        minibatches = shard(jax.tree.map(shuffle, data), mesh, P(None, "data"))
         train_state, info = jax.lax.scan(update_minibatch, train_state, minibatches)
-        return (train_state, data, key), info
+        return (train_state, key), info
+
+    (train_state, _), info = jax.lax.scan(update_epoch, (train_state, key), None, args.update_epochs)
+    return train_state, info
+
+
+def make_update_step(args, env, network, mesh=None):
+    """The whole PPO iteration as one pure function of the runner state. With a device mesh, every minibatch is
+    split over its devices: each computes the gradient of its share and XLA averages them (an all-reduce), so
+    the replicated params stay identical on every device."""
 
     def update_step(runner):
         key, pool_key, perm_key = jax.random.split(runner.key, 3)
-        pool = jax.vmap(env.reset)(jax.random.split(pool_key, B))  # fresh start states for this rollout
-        pool = jax.tree.map(lambda x: split(x, P("data")), pool)  # each device resets its own envs
-        (runner, _), (traj, episodes) = jax.lax.scan(env_step, (runner._replace(key=key), pool), None, T)
-        params = runner.train_state.params
-        last_values = get_value(network, params, runner.obs, runner.action_mask)
-        next_values = jnp.concatenate([traj.values[1:], last_values[None]])
-        next_values = jnp.where(
-            traj.truncated.reshape(traj.truncated.shape + (1,) * (traj.values.ndim - 2)) > 0,
-            traj.final_values,
-            next_values,
-        )
-        advantages, returns = compute_gae(
-            traj.values,
-            next_values,
-            traj.rewards,
-            traj.terminated,
-            traj.truncated,
-            args.gamma,
-            args.gae_lambda,
-        )
-        (train_state, _, _), info = jax.lax.scan(
-            update_epoch,
-            (runner.train_state, (traj, advantages, returns), perm_key),
-            None,
-            args.update_epochs,
-        )
-        done = episodes["done"]
-        n_done = done.sum()
-
-        def finished_mean(x):  # mean over the episodes that ended in this rollout (NaN if none did)
-            return jnp.where(n_done > 0, (x * done).sum() / jnp.maximum(n_done, 1), jnp.nan)
-
-        metrics = {f"losses/{k}": v.mean() for k, v in info.items()}
-        metrics["charts/episodic_return"] = finished_mean(episodes["ret"])
-        metrics["charts/episodic_length"] = finished_mean(episodes["length"])
-        metrics["charts/success"] = finished_mean(episodes["success"])
-        metrics["charts/episodes"] = n_done
+        # 1. rollout: T steps of the B envs with the current policy
+        runner, traj, metrics = rollout(args, env, network, runner._replace(key=key), pool_key, mesh)
+        # 2. advantages: GAE, bootstrapped from the value after the last step and at truncations
+        last_values = get_value(network, runner.train_state.params, runner.obs, runner.action_mask)
+        advantages, returns = compute_gae(traj, last_values, args.gamma, args.gae_lambda)
+        # 3. update: update_epochs x num_minibatches gradient steps on the PPO loss
+        data = (traj, advantages, returns)
+        train_state, info = ppo_update(args, network, runner.train_state, data, perm_key, mesh)
+        metrics.update({f"losses/{k}": v.mean() for k, v in info.items()})
         return runner._replace(train_state=train_state), metrics
 
     return update_step
@@ -501,29 +474,15 @@ def make_evaluate(args, env, network):
 
         carry = (state, obs, mask, jnp.ones(args.eval_episodes, bool), zeros, zeros, zeros)
         (_, _, _, _, ret, length, success), _ = jax.lax.scan(step, carry, jnp.arange(env.time_limit))
-        return {
-            "eval/episodic_return": ret.mean(),
-            "eval/episodic_length": length.mean(),
-            "eval/success": success.mean(),
-        }
+        episodes = dict(episodic_return=ret, episodic_length=length, success=success)
+        return {f"eval/{name}": x.mean() for name, x in episodes.items()}
 
     return evaluate
 
 
-def make_init_runner(args, env, network, tx):
-    def init_runner(key):
-        key, net_key, env_key = jax.random.split(key, 3)
-        train_state = TrainState.create(
-            apply_fn=network.apply, params=init_params(network, net_key, env), tx=tx
-        )
-        state, obs, mask = jax.vmap(env.reset)(jax.random.split(env_key, args.num_envs))
-        zeros = jnp.zeros(args.num_envs)
-        int_zeros = zeros.astype(jnp.int32)
-        return Runner(train_state, state, obs, mask, zeros, int_zeros, int_zeros, key)
-
-    return init_runner
-
-
+# ----------------------------------------------------------------------------------------------------------
+# Devices and seeds
+# ----------------------------------------------------------------------------------------------------------
 def make_mesh(args):
     """A 1-D mesh over --num-devices devices of every process (host); the env batch is split along "data"."""
     n = args.num_devices or jax.local_device_count()
@@ -531,10 +490,17 @@ def make_mesh(args):
     return Mesh(np.array(sum(hosts, [])), ("data",))
 
 
+def shard(tree, mesh, spec):
+    """Pin every leaf's axes to the mesh as spec says ("data": split over the devices); no-op without a mesh."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)), tree)
+
+
 def runner_shardings(mesh):
     """Runner fields (K seeds, B envs, ...) live split over the devices on B; train state and key replicated."""
-    split, replicated = NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())
-    return Runner(*(replicated if f in ("train_state", "key") else split for f in Runner._fields))
+    over_envs, replicated = NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())
+    return Runner(*(replicated if f in ("train_state", "key") else over_envs for f in Runner._fields))
 
 
 def over_seeds(f):
@@ -549,10 +515,27 @@ def over_seeds(f):
     return run
 
 
+def seed_keys(args, offset=0):
+    """One PRNG key per seed (K,): seed k of --num-seeds K draws what a run with --seed seed+k draws. Each use has
+    its own offset so that no two share a key stream: 0 trains (and evaluates a loaded model), 1000 * i is the
+    evaluation after iteration i, 10**6 the final evaluation."""
+    return jax.vmap(jax.random.PRNGKey)(args.seed + offset + jnp.arange(args.num_seeds))
+
+
 def init_runners(args, env, network, tx, keys):
     """One runner per seed, stacked on a leading seed axis. The seeds are initialised one after another because
     jit(vmap(init)) of MAT's many orthogonal inits deadlocks XLA:CPU (jax 0.10.2; found with --num-seeds 2)."""
-    init_runner = jax.jit(make_init_runner(args, env, network, tx))
+
+    @jax.jit
+    def init_runner(key):
+        key, net_key, env_key = jax.random.split(key, 3)
+        params = init_params(network, net_key, env)
+        train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
+        state, obs, mask = jax.vmap(env.reset)(jax.random.split(env_key, args.num_envs))
+        zeros = jnp.zeros(args.num_envs)
+        int_zeros = zeros.astype(jnp.int32)
+        return Runner(train_state, state, obs, mask, zeros, int_zeros, int_zeros, key)
+
     return jax.tree.map(lambda *x: jnp.stack(x), *[init_runner(key) for key in keys])
 
 
@@ -566,23 +549,18 @@ def fail(message):
 
 
 def check_args(args):
-    positive = ["num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "eval_episodes"]
-    for name in positive:
+    for name in ["num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "eval_episodes"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.eval_every < 0:
         fail(f"--eval-every must be 0 (only at the end) or more (got {args.eval_every})")
     if not (args.learning_rate > 0 and 0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         fail("--learning-rate must be > 0 and --gamma, --gae-lambda within [0, 1]")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        fail(
-            f"num_envs * num_steps = {batch_size} is not divisible by --num-minibatches {args.num_minibatches}"
-        )
-    if args.load_model is None and args.total_timesteps < batch_size:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is below one batch (num_envs * num_steps = {batch_size})"
-        )
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches:
+        fail(f"num_envs * num_steps = {batch} is not divisible by --num-minibatches {args.num_minibatches}")
+    if args.load_model is None and args.total_timesteps < batch:
+        fail(f"--total-timesteps {args.total_timesteps} is below one batch (num_envs * num_steps = {batch})")
     try:
         env_config(args.env_id, args.num_agents)
     except EnvError as e:
@@ -597,8 +575,10 @@ def check_args(args):
         fail(f"--num-envs {args.num_envs} is not divisible by the {devices} devices it is split over")
 
 
-def read_checkpoint(path):
-    """-> (saved args dict, raw params state dict) of a saved model; fails with one line if unreadable."""
+def read_checkpoint(args):
+    """--load-model: the saved model fixes the env and the network, the other flags (seed, eval_episodes...)
+    stay. -> args with the saved env and network, the params' raw state dict. Fails with one line if unreadable."""
+    path = args.load_model
     model_path = os.path.join(path, "model.msgpack") if os.path.isdir(path) else path
     args_path = os.path.join(os.path.dirname(model_path), "args.json")
     if not os.path.isfile(model_path):
@@ -610,23 +590,25 @@ def read_checkpoint(path):
             state = flax.serialization.msgpack_restore(f.read())
     except Exception as e:  # any unreadable file: say which, no traceback
         fail(f"--load-model: cannot read {model_path} / {args_path}: {type(e).__name__}: {e}")
-    return saved_args, state
+    try:
+        args = replace(args, **{k: saved_args[k] for k in ("env_id", "num_agents", *NETWORK_ARGS)})
+    except (KeyError, TypeError) as e:
+        fail(f"--load-model: args.json lacks {e}")
+    check_args(args)  # again: the saved env and network replaced the flags'
+    return args, state
 
 
 def load_params(network, env, state):
     """Params (with their leading seed axis) from a checkpoint's state dict, checked against the network."""
     try:
         num_seeds = jax.tree.leaves(state)[0].shape[0]
-        template = jax.eval_shape(
-            jax.vmap(lambda k: init_params(network, k, env)),
-            jax.random.split(jax.random.PRNGKey(0), num_seeds),
-        )
+        init = jax.vmap(lambda key: init_params(network, key, env))
+        template = jax.eval_shape(init, jax.random.split(jax.random.PRNGKey(0), num_seeds))
         params = flax.serialization.from_state_dict(template, state)
-        bad = [
-            jax.tree_util.keystr(p)
-            for p, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(template)), jax.tree.leaves(params))
-            if a.shape != b.shape
-        ]
+        bad = []  # the paths of the leaves whose saved shape is not the network's
+        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(params)):
+            if want.shape != got.shape:
+                bad.append(jax.tree_util.keystr(path))
     except Exception as e:
         fail(f"--load-model: the saved params do not fit this network ({type(e).__name__}: {e})")
     if bad:
@@ -634,29 +616,32 @@ def load_params(network, env, state):
     return jax.tree.map(jnp.asarray, params)
 
 
-def save_checkpoint(run_dir, args, params):
-    tmp = os.path.join(run_dir, "model.msgpack.tmp")
-    with open(tmp, "wb") as f:
-        f.write(flax.serialization.to_bytes(params))
-    os.replace(tmp, os.path.join(run_dir, "model.msgpack"))  # atomic: a crash never leaves half a model
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-
-
-class Logger:
-    """metrics.csv (deterministic numbers, one row per iteration and seed), timing.csv (SPS), optional wandb."""
+class Run:
+    """The run's folder runs/{run_name}/: metrics.csv (deterministic numbers, one row per iteration and seed),
+    timing.csv (SPS), the saved model, summary.json and, with --track, wandb."""
 
     COLUMNS = ["iteration", "seed", "global_step", "charts/episodic_return", "charts/episodic_length",
                "charts/success", "charts/episodes", "charts/learning_rate", "losses/value_loss", "losses/policy_loss",
                "losses/entropy", "losses/approx_kl", "losses/clipfrac", "eval/episodic_return",
                "eval/episodic_length", "eval/success"]  # fmt: skip
 
-    def __init__(self, run_dir, args, run_name):
+    def __init__(self, args, env):
+        default_kwargs, env_kwargs = ENVS[args.env_id][1], env_config(args.env_id, args.num_agents)[1]
+        if env_kwargs != default_kwargs:
+            changed = {k: v for k, v in env_kwargs.items() if default_kwargs[k] != v}
+            print(f"{args.env_id} with {args.num_agents} agents: generator resized to {changed}")
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        if jax.process_count() > 1:  # every host logs the same numbers; keep their folders apart
+            run_name += f"__p{jax.process_index()}"
+        self.dir = os.path.join("runs", run_name)
+        while os.path.exists(self.dir):
+            self.dir += "_"
+        os.makedirs(self.dir)
         self.args, self.wandb = args, None
-        self.metrics = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        self.metrics = open(os.path.join(self.dir, "metrics.csv"), "w", newline="")
         self.writer = csv.DictWriter(self.metrics, self.COLUMNS)
         self.writer.writeheader()
-        self.timing = open(os.path.join(run_dir, "timing.csv"), "w", newline="")
+        self.timing = open(os.path.join(self.dir, "timing.csv"), "w", newline="")
         self.timing.write("iteration,global_step,SPS,seconds\n")
         if args.track:
             import wandb
@@ -665,15 +650,16 @@ class Logger:
                 print("wandb: no login found, logging offline (sync later with `wandb sync`)")
                 os.environ["WANDB_MODE"] = "offline"
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                                    name=run_name, dir=run_dir, save_code=True)  # fmt: skip
+                                    name=run_name, dir=self.dir, save_code=True)  # fmt: skip
+        sizes = f"{env.num_agents} agents, obs {env.obs_dim}, actions {env.action_dim}"
+        print(f"run: {self.dir}  env: {args.env_id} ({sizes})")
 
     def log(self, iteration, global_step, metrics, sps=None, seconds=None):
         """metrics: name -> array (num_seeds,). Writes one row per seed; wandb gets the mean and each seed."""
         for k in range(self.args.num_seeds):
             row = {name: float(v[k]) for name, v in metrics.items() if name in self.COLUMNS}
-            self.writer.writerow(
-                {"iteration": iteration, "seed": self.args.seed + k, "global_step": global_step, **row}
-            )
+            row.update(iteration=iteration, seed=self.args.seed + k, global_step=global_step)
+            self.writer.writerow(row)
         self.metrics.flush()
         if sps is not None:
             self.timing.write(f"{iteration},{global_step},{sps:.1f},{seconds:.2f}\n")
@@ -681,25 +667,32 @@ class Logger:
         if self.wandb is not None:
             data = {name: float(np.nanmean(v)) for name, v in metrics.items()}
             if self.args.num_seeds > 1:
-                data.update(
-                    {
-                        f"seed{self.args.seed + k}/{n}": float(v[k])
-                        for n, v in metrics.items()
-                        for k in range(len(v))
-                    }
-                )
+                for n, v in metrics.items():
+                    data.update({f"seed{self.args.seed + k}/{n}": float(v[k]) for k in range(len(v))})
             if sps is not None:
                 data["charts/SPS"] = sps
             self.wandb.log(data, step=global_step)
 
-    def close(self):
+    def save_model(self, params):
+        tmp = os.path.join(self.dir, "model.msgpack.tmp")
+        with open(tmp, "wb") as f:
+            f.write(flax.serialization.to_bytes(params))
+        os.replace(tmp, os.path.join(self.dir, "model.msgpack"))  # atomic: a crash never leaves half a model
+        with open(os.path.join(self.dir, "args.json"), "w") as f:
+            json.dump(asdict(self.args), f, indent=2)
+
+    def finish(self, results, iteration, step, **summary):
+        """Logs the final evaluation, then writes summary.json, last: it marks a complete run."""
+        self.log(iteration, step, results)
         self.metrics.close()
         self.timing.close()
         if self.wandb is not None:
             self.wandb.finish()
+        with open(os.path.join(self.dir, "summary.json"), "w") as f:
+            json.dump({**{k: np.asarray(v).tolist() for k, v in results.items()}, **summary}, f, indent=2)
 
 
-def fmt(values):
+def format_mean(values):
     """Mean of a (num_seeds,) array for the progress line; 'n/a' when no episode ended."""
     values = np.asarray(values, dtype=np.float64)
     return "n/a" if np.all(np.isnan(values)) else f"{np.nanmean(values):.3f}"
@@ -723,66 +716,38 @@ def init_distributed():
 def main(args):
     init_distributed()
     check_args(args)
-    loaded = None
+    checkpoint = None
     if args.load_model is not None:
-        saved_args, loaded = read_checkpoint(args.load_model)
-        try:  # the saved model fixes the env and the network; the rest (seed, eval_episodes) comes from the flags
-            args = replace(args, **{k: saved_args[k] for k in ("env_id", "num_agents", *NETWORK_ARGS)})
-        except (KeyError, TypeError) as e:
-            fail(f"--load-model: args.json lacks {e}")
-        check_args(args)
-    family, env_kwargs, _ = env_config(args.env_id, args.num_agents)
-    if env_kwargs != ENVS[args.env_id][1]:
-        changed = {k: v for k, v in env_kwargs.items() if ENVS[args.env_id][1][k] != v}
-        print(f"{args.env_id} with {args.num_agents} agents: generator resized to {changed}")
-
+        args, checkpoint = read_checkpoint(args)
     env = make_env(args.env_id, args.num_agents)
     network = build_network(args, env)
-    batch_size = args.num_envs * args.num_steps
-    num_iterations = args.total_timesteps // batch_size
-    updates = num_iterations * args.update_epochs * args.num_minibatches
-    lr = optax.linear_schedule(args.learning_rate, 0.0, updates) if args.anneal_lr else args.learning_rate
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
-    keys = jax.vmap(jax.random.PRNGKey)(
-        args.seed + jnp.arange(args.num_seeds)
-    )  # seed k == a run with seed + k
-    evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
-
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if jax.process_count() > 1:  # every host logs the same numbers; keep their folders apart
-        run_name += f"__p{jax.process_index()}"
-    run_dir = os.path.join("runs", run_name)
-    while os.path.exists(run_dir):
-        run_dir += "_"
-    os.makedirs(run_dir)
-    logger = Logger(run_dir, args, run_name)
-    print(
-        f"run: {run_dir}  env: {args.env_id} ({env.num_agents} agents, obs {env.obs_dim}, actions {env.action_dim})"
-    )
-
-    if loaded is not None:  # evaluate a saved model (all its seeds), no training
-        params = load_params(network, env, loaded)
+    if checkpoint is not None:  # a saved model is evaluated over all its seeds
+        params = load_params(network, env, checkpoint)
         args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
-        logger.args = args
-        eval_keys = jax.vmap(jax.random.PRNGKey)(args.seed + jnp.arange(args.num_seeds))
-        results = jax.device_get(evaluate(params, eval_keys))
-        print(
-            f"eval/episodic_return={fmt(results['eval/episodic_return'])}  per seed: {results['eval/episodic_return']}"
-        )
-        logger.log(0, 0, results)
-        logger.close()
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({k: np.asarray(v).tolist() for k, v in results.items()}, f, indent=2)
+    evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
+    run = Run(args, env)
+    if checkpoint is not None:  # evaluate it, no training
+        results = jax.device_get(evaluate(params, seed_keys(args)))
+        returns = results["eval/episodic_return"]
+        print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
+        run.finish(results, 0, 0)
         return results
 
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    updates_per_iteration = args.update_epochs * args.num_minibatches
+    updates = num_iterations * updates_per_iteration
+    lr = optax.linear_schedule(args.learning_rate, 0.0, updates) if args.anneal_lr else args.learning_rate
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
     mesh = make_mesh(args)
     shardings = runner_shardings(mesh)
-    runners = jax.device_put(init_runners(args, env, network, tx, keys), shardings)
-    update_step = over_seeds(make_update_step(args, env, network, tx, mesh))
+    runners = jax.device_put(init_runners(args, env, network, tx, seed_keys(args)), shardings)
+    update_step = over_seeds(make_update_step(args, env, network, mesh))
     update = jax.jit(update_step, out_shardings=(shardings, NamedSharding(mesh, P())))
     t0 = time.time()
     update = update.lower(runners).compile()
-    evaluate = evaluate.lower(runners.train_state.params, keys).compile()  # not inside the timed loop
+    # compiled here, not inside the timed loop
+    evaluate = evaluate.lower(runners.train_state.params, seed_keys(args)).compile()
     print(
         f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {num_iterations} iterations of {batch_size} steps"
         f" on {mesh.size} device(s)"
@@ -795,31 +760,24 @@ def main(args):
         global_step = iteration * batch_size
         seconds = time.time() - start
         sps = args.num_seeds * global_step / seconds
-        lr_now = lr(iteration * args.update_epochs * args.num_minibatches) if args.anneal_lr else lr
+        lr_now = lr(iteration * updates_per_iteration) if args.anneal_lr else lr
         metrics["charts/learning_rate"] = np.full(args.num_seeds, lr_now)
-        line = f"iter {iteration}/{num_iterations} global_step={global_step} episodic_return={fmt(metrics['charts/episodic_return'])}"
+        line = f"iter {iteration}/{num_iterations} global_step={global_step} episodic_return={format_mean(metrics['charts/episodic_return'])}"
         if args.eval_every and iteration % args.eval_every == 0 and iteration != num_iterations:
-            eval_keys = jax.vmap(jax.random.PRNGKey)(
-                args.seed + 1000 * iteration + jnp.arange(args.num_seeds)
-            )
+            eval_keys = seed_keys(args, 1000 * iteration)
             metrics.update(jax.device_get(evaluate(runners.train_state.params, eval_keys)))
-            line += f" eval/episodic_return={fmt(metrics['eval/episodic_return'])}"
+            line += f" eval/episodic_return={format_mean(metrics['eval/episodic_return'])}"
         print(f"{line} SPS={sps:.0f}", flush=True)
-        logger.log(iteration, global_step, metrics, sps, seconds)
+        run.log(iteration, global_step, metrics, sps, seconds)
         if args.save_model and (iteration % max(1, num_iterations // 10) == 0 or iteration == num_iterations):
-            save_checkpoint(run_dir, args, runners.train_state.params)
+            run.save_model(runners.train_state.params)
 
-    eval_keys = jax.vmap(jax.random.PRNGKey)(args.seed + 10**6 + jnp.arange(args.num_seeds))
-    results = jax.device_get(evaluate(runners.train_state.params, eval_keys))
-    logger.log(num_iterations, num_iterations * batch_size, results)
-    logger.close()
-    summary = {k: np.asarray(v).tolist() for k, v in results.items()}
-    summary.update(global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:  # written last: marks a complete run
-        json.dump(summary, f, indent=2)
+    results = jax.device_get(evaluate(runners.train_state.params, seed_keys(args, 10**6)))
+    summary = dict(global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
+    run.finish(results, num_iterations, num_iterations * batch_size, **summary)
     print(
-        f"trained: episodic_return={fmt(metrics['charts/episodic_return'])} (sampled actions, last iteration), "
-        f"eval/episodic_return={fmt(results['eval/episodic_return'])} ({'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed)"
+        f"trained: episodic_return={format_mean(metrics['charts/episodic_return'])} (sampled actions, last iteration), "
+        f"eval/episodic_return={format_mean(results['eval/episodic_return'])} ({'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed)"
     )
     return results
 

@@ -60,7 +60,7 @@ def test_mat_and_mam_differ_only_in_the_network():
 def test_the_test_can_fail(name, tmp_path):
     """A one-character change to the skeleton must be caught."""
     source = (ROOT / name).read_text()
-    changed = source.replace("gamma * gae_lambda * nd", "gamma * gae_lambda * nd * 1.0", 1)
+    changed = source.replace("gamma * gae_lambda * not_done_t", "gamma * gae_lambda * not_done_t * 1.0", 1)
     assert changed != source
     (tmp_path / name).write_text(changed)
     skel, *_ = definitions(tmp_path / name)

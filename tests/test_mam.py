@@ -24,11 +24,11 @@ from mam_ppo import (
     Mixer,
     MultiAgentMamba,
     act,
-    init_decode_state,
+    init_cache,
 )
 
 B, N, O, A = 3, 6, 7, 4
-CFG = MambaConfig(n_embd=32, d_state=8, d_conv=4, expand=2, dt_rank=4, scan_mode="sequential")
+CFG = MambaConfig(n_block=2, n_embd=32, d_state=8, d_conv=4, expand=2, dt_rank=4, scan_mode="sequential")
 MODES = ["sequential", "parallel"]
 
 
@@ -67,9 +67,7 @@ def chosen_log_prob(logits, actions):
 
 @pytest.fixture(scope="module")
 def setup():
-    net = MultiAgentMamba(
-        A, n_block=2, n_embd=CFG.n_embd, d_state=CFG.d_state, expand=CFG.expand, dt_rank=CFG.dt_rank
-    )
+    net = MultiAgentMamba(A, CFG)
     obs, mask, actions = make_batch(0)
     assert (~mask).any()
     params = to_np(jax.jit(net.init)(jax.random.PRNGKey(1), obs, mask, actions))
@@ -123,9 +121,9 @@ def test_decode_step_logits_match_full_pass(setup, fns):
     tokens = np.eye(A + 1, dtype=np.float32)[
         np.concatenate([np.zeros((B, 1), np.int32), actions[:, :-1] + 1], 1)
     ]
-    state, logits_rec = init_decode_state(net, B), []
+    cache, logits_rec = init_cache(net, B), []
     for i in range(N):  # a Python loop in the test only: act itself uses lax.scan
-        logits_i, state = fns["decode"](params, tokens[:, i], rep[:, i], state)
+        logits_i, cache = fns["decode"](params, tokens[:, i], rep[:, i], cache)
         logits_rec.append(logits_i)
     logits_rec = np.where(mask, np.stack(logits_rec, 1), -1e9)
     assert logits_tf[mask].std() > 0.1  # the comparison is not between near-constant logits
@@ -217,7 +215,7 @@ def test_init_recipe(setup):
                 collect(sub)
 
     collect(params["init"]["params"])
-    assert len(mixers) == 3 * net.n_block  # encoder BiMamba (one parameter set), decoder self and cross
+    assert len(mixers) == 3 * net.cfg.n_block  # encoder BiMamba (one parameter set), decoder self and cross
     e, s, r = CFG.expand * CFG.n_embd, CFG.d_state, CFG.dt_rank
     dts = []
     for m in mixers:
@@ -233,7 +231,7 @@ def test_init_recipe(setup):
         assert w.shape == (r, e) and w.max() <= r**-0.5 and w.max() > 0.9 * r**-0.5
         cross = "c_proj" in m  # CrossMamba: x_proj gives (Δ, B), c_proj(rep) gives C
         assert m["x_proj"]["kernel"].shape == (e, r + (1 if cross else 2) * s)
-    assert sum("c_proj" in m for m in mixers) == net.n_block
+    assert sum("c_proj" in m for m in mixers) == net.cfg.n_block
     # log-uniform in [1e-3, 1e-1]: log10(dt) has mean -2 and std 2/sqrt(12) = 0.577
     log_dt = np.log10(np.concatenate(dts))
     assert abs(log_dt.mean() + 2) < 0.15 and abs(log_dt.std() - 0.577) < 0.1
@@ -264,15 +262,15 @@ def test_mixer_conv_is_causal_and_step_matches_full(setup, mode, cross):
                     j,
                     t,
                 )
-    # the one-agent step with its conv buffer and SSM state reproduces the full pass
+    # the one-agent step with its cache (conv buffer, SSM state) reproduces the full pass
     y = f(params, u)
     step = jax.jit(lambda u_t, rep_t, s: mixer.apply(params, u_t, rep_t, s))
     e = CFG.expand * CFG.n_embd
-    state = (np.zeros((B, CFG.d_conv - 1, e), np.float32), np.zeros((B, e, CFG.d_state), np.float32))
+    cache = (np.zeros((B, CFG.d_conv - 1, e), np.float32), np.zeros((B, e, CFG.d_state), np.float32))
     for t in range(N):
-        y_t, state = step(u[:, t], rep[:, t], state)
+        y_t, cache = step(u[:, t], rep[:, t], cache)
         np.testing.assert_allclose(y_t, y[:, t], rtol=1e-5, atol=1e-5)
-    assert state[0].shape == (B, CFG.d_conv - 1, e) and state[1].shape == (B, e, CFG.d_state)
+    assert cache[0].shape == (B, CFG.d_conv - 1, e) and cache[1].shape == (B, e, CFG.d_state)
 
 
 def test_act_compile_time_does_not_grow_with_agents(setup):
@@ -286,7 +284,7 @@ def test_act_compile_time_does_not_grow_with_agents(setup):
 
     t64, t4 = compile_seconds(64), compile_seconds(4)  # any first-use cost lands on N=64: conservative
     print(
-        f"\njit(act) compile, n_block={net.n_block}, scan_mode={net.scan_mode}: N=4 {t4:.2f}s, N=64 {t64:.2f}s"
+        f"\njit(act) compile, n_block={net.cfg.n_block}, scan_mode={net.cfg.scan_mode}: N=4 {t4:.2f}s, N=64 {t64:.2f}s"
     )
     assert t64 < 3.0 * t4  # a Python loop over the agents would take ~16x
 

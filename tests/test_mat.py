@@ -6,17 +6,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import functools  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from mat_ppo import MultiAgentTransformer, act, act_with_logits  # noqa: E402
+from mat_ppo import Args, MultiAgentTransformer, TransformerConfig, act, act_with_logits  # noqa: E402
 
 # Compiling dominates the run time: tests share sizes, parameters and jitted functions (all cached below).
 B, N, O, A = 16, 5, 7, 4
 CONFIGS = {"default": {}, "deep": dict(n_block=2, n_embd=32, n_head=4)}  # several blocks and heads
+
+
+def network_config(config="default", decode="cache"):
+    """The script's default flags with these overrides, as build_network reads them."""
+    args = replace(Args(), decode=decode, **CONFIGS[config])
+    return TransformerConfig(**{f: getattr(args, f) for f in TransformerConfig._fields})
 
 
 def make_inputs(seed, b, n):
@@ -46,7 +53,7 @@ def random_params(network, seed, obs, mask):
 @functools.cache
 def build(config="default", decode="cache"):
     """network, params, obs (B, N, O), action mask (B, N, A); the parameters do not depend on decode."""
-    network = MultiAgentTransformer(action_dim=A, decode=decode, **CONFIGS[config])
+    network = MultiAgentTransformer(A, network_config(config, decode))
     obs, mask = make_inputs(0, B, N)
     return network, random_params(network, 1, obs, mask), obs, mask
 
@@ -58,7 +65,7 @@ def jitted(network, greedy):  # act, returning the logits too
 
 @functools.cache
 def jitted_apply(config):  # teacher forcing, which does not depend on the decode mode
-    return jax.jit(MultiAgentTransformer(action_dim=A, **CONFIGS[config]).apply)
+    return jax.jit(MultiAgentTransformer(A, network_config(config)).apply)
 
 
 def test_init_is_mats():
@@ -82,9 +89,8 @@ def test_init_is_mats():
 def test_bad_decode_mode_is_an_error():
     _, _, obs, mask = build()
     with pytest.raises(ValueError, match="decode"):
-        MultiAgentTransformer(action_dim=A, decode="kv").init(
-            jax.random.key(0), obs, mask, jnp.zeros((B, N), int)
-        )
+        network = MultiAgentTransformer(A, network_config(decode="kv"))
+        network.init(jax.random.key(0), obs, mask, jnp.zeros((B, N), int))
 
 
 def chosen_log_probs(logits, actions):
