@@ -259,12 +259,13 @@ class Env(NamedTuple):
         # step_env, not JaxMARL's step: that one computes a reset on every step (our pool resets instead)
         key, step_key = jax.random.split(state[0])
         actions = dict(zip(self.env.agents, actions))
-        obs, state, rewards, dones, _ = self.env.step_env(step_key, state[1], actions)
+        obs, state, rewards, _, _ = self.env.step_env(step_key, state[1], actions)
         alive = state.state.unit_alive  # (allies + enemies,)
         allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
-        # one side wiped out is a termination; the time limit otherwise ends the episode (a truncation)
+        # one side wiped out is a termination; the time limit otherwise ends the episode (a truncation). Counted
+        # here: JaxMARL's own done tests the step count before it adds the step, one step late (101 steps).
         terminated = allies_dead | enemies_dead
-        truncated = dones["__all__"] & ~terminated
+        truncated = (state.state.step >= self.time_limit) & ~terminated
         won = enemies_dead & ~allies_dead  # as JaxMARL's win bonus: a draw is no win
         reward = rewards[self.env.agents[0]]  # every ally gets the same team reward (tested): count it once
         mask = self.smax_mask(state)
