@@ -1,4 +1,4 @@
-"""MAM: Multi-Agent Mamba trained with PPO, on Jumanji's multi-agent envs.
+"""MAM: Multi-Agent Mamba trained with PPO, on Jumanji's multi-agent envs and SMAX.
 
 Daniel et al. 2024, "Multi-Agent Reinforcement Learning with Selective State-Space Models" (arXiv 2410.19382).
 The Multi-Agent Transformer (mat_ppo.py) with every attention replaced by Mamba (Gu & Dao 2023), block for
@@ -63,7 +63,7 @@ class Args:
     env_id: str = "rware-tiny-2ag"
     """the id of the environment (an alias from the table in README.md or a raw Jumanji id)"""
     num_agents: Optional[int] = None
-    """override the environment's number of agents (the grid grows when it must)"""
+    """override the environment's number of agents (the grid grows when it must; SMAX: smacv2 only, N vs N)"""
     total_timesteps: int = 1_000_000
     """total environment steps of the experiment (per seed)"""
     learning_rate: float = 5e-4
@@ -297,7 +297,7 @@ def make_env(env_id, num_agents=None):
 
         n = kw["num_agents"]
         scenario = map_name_to_scenario(kw["scenario"])
-        if n != scenario.num_allies:  # smacv2 with N vs N units, as Mava's larger smacv2 scenarios are made
+        if n != scenario.num_allies:  # smacv2 N vs N, as a Mava-based make_env defines smacv2_40..1280_units
             scenario = Scenario(jnp.zeros(2 * n, jnp.uint8), n, n, True, True)
         # Mava's SMAX settings (mava/configs/env/smax.yaml): the heuristic enemy attacks the closest unit
         env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, max_steps=time_limit, see_enemy_actions=True,

@@ -1,4 +1,4 @@
-"""MAPPO: multi-agent PPO with a shared actor and a centralised critic, on Jumanji's multi-agent envs.
+"""MAPPO: multi-agent PPO with a shared actor and a centralised critic, on Jumanji's multi-agent envs and SMAX.
 
 Yu et al. 2022, "The Surprising Effectiveness of PPO in Cooperative Multi-Agent Games" (arXiv 2103.01955).
 Every agent acts with the same MLP over its own observation plus a one-hot agent id; one critic reads the
@@ -57,7 +57,7 @@ class Args:
     env_id: str = "rware-tiny-2ag"
     """the id of the environment (an alias from the table in README.md or a raw Jumanji id)"""
     num_agents: Optional[int] = None
-    """override the environment's number of agents (the grid grows when it must)"""
+    """override the environment's number of agents (the grid grows when it must; SMAX: smacv2 only, N vs N)"""
     total_timesteps: int = 1_000_000
     """total environment steps of the experiment (per seed)"""
     learning_rate: float = 2.5e-4
@@ -279,7 +279,7 @@ def make_env(env_id, num_agents=None):
 
         n = kw["num_agents"]
         scenario = map_name_to_scenario(kw["scenario"])
-        if n != scenario.num_allies:  # smacv2 with N vs N units, as Mava's larger smacv2 scenarios are made
+        if n != scenario.num_allies:  # smacv2 N vs N, as a Mava-based make_env defines smacv2_40..1280_units
             scenario = Scenario(jnp.zeros(2 * n, jnp.uint8), n, n, True, True)
         # Mava's SMAX settings (mava/configs/env/smax.yaml): the heuristic enemy attacks the closest unit
         env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, max_steps=time_limit, see_enemy_actions=True,
