@@ -1,4 +1,4 @@
-"""MAM: Multi-Agent Mamba trained with PPO, on Jumanji's multi-agent envs.
+"""MAM: Multi-Agent Mamba trained with PPO, on Jumanji's multi-agent envs and SMAX.
 
 Daniel et al. 2024, "Multi-Agent Reinforcement Learning with Selective State-Space Models" (arXiv 2410.19382).
 The Multi-Agent Transformer (mat_ppo.py) with every attention replaced by Mamba (Gu & Dao 2023), block for
@@ -63,7 +63,7 @@ class Args:
     env_id: str = "rware-tiny-2ag"
     """the id of the environment (an alias from the table in README.md or a raw Jumanji id)"""
     num_agents: Optional[int] = None
-    """override the environment's number of agents (the grid grows when it must)"""
+    """override the environment's number of agents (the grid grows when it must; SMAX: smacv2 only, N vs N)"""
     total_timesteps: int = 1_000_000
     """total environment steps of the experiment (per seed)"""
     learning_rate: float = 5e-4
@@ -136,6 +136,21 @@ def _connector(grid, agents, time_limit=None):
     return ("connector", dict(grid_size=grid, num_agents=agents), time_limit or grid * grid)
 
 
+# SMAX (JaxMARL's SMAC / SMACv2): scenario -> (allies, enemies), as jaxmarl 0.2's map_name_to_scenario has them
+# (written out here: importing jaxmarl starts XLA, and env_config must not). smacv2_* draw unit types and start
+# positions at random every episode. All end after jaxmarl's default 100 steps.
+SMAX_SCENARIOS = {
+    "3m": (3, 3), "8m": (8, 8), "25m": (25, 25), "2s3z": (5, 5), "3s5z": (8, 8), "5m_vs_6m": (5, 6),
+    "10m_vs_11m": (10, 11), "27m_vs_30m": (27, 30), "3s5z_vs_3s6z": (8, 9), "3s_vs_5z": (3, 5),
+    "6h_vs_8z": (6, 8), "smacv2_5_units": (5, 5), "smacv2_10_units": (10, 10), "smacv2_20_units": (20, 20),
+}  # fmt: skip
+
+
+def _smax(scenario):
+    allies, enemies = SMAX_SCENARIOS[scenario]
+    return ("smax", dict(scenario=scenario, num_agents=allies, num_enemies=enemies), 100)
+
+
 ENVS = {
     "rware-tiny-2ag": _rware(1, 2, 2),
     "rware-tiny-4ag": _rware(1, 4, 4),
@@ -155,6 +170,7 @@ ENVS = {
     "RobotWarehouse-v0": _rware(2, 4, 8),
     "LevelBasedForaging-v0": _lbf(8, 8, 2, 2, coop=True),
     "Connector-v3": _connector(10, 10, time_limit=50),
+    **{f"smax-{scenario}": _smax(scenario) for scenario in SMAX_SCENARIOS},
 }
 SUCCESS_KEY = {"rware": None, "lbf": "percent_eaten", "connector": "ratio_connections"}
 
@@ -182,6 +198,13 @@ def env_config(env_id, num_agents=None):
                 kw["shelf_columns"] += 2  # Jumanji wants an odd number of shelf columns
             else:
                 kw["shelf_rows"] += 1
+    elif family == "smax":  # the smacv2 scenarios draw their units at random: N of them per side
+        if not kw["scenario"].startswith("smacv2"):
+            raise EnvError(
+                f"--num-agents: {env_id} is a fixed SMAC map ({kw['num_agents']} allies vs {kw['num_enemies']} "
+                "enemies); only the smax-smacv2_* scenarios take another count (N vs N)"
+            )
+        kw["num_enemies"] = num_agents
     elif family == "lbf":  # crowded grids let the generator drop agents on food: >= 5 cells per entity
         full_view = kw["fov"] == kw["grid_size"]
         while kw["grid_size"] ** 2 < 5 * (num_agents + kw["num_food"]):
@@ -196,7 +219,8 @@ def env_config(env_id, num_agents=None):
 
 
 class Env(NamedTuple):
-    """A Jumanji multi-agent env seen the same way for every family (all methods are pure and jittable)."""
+    """A Jumanji or SMAX multi-agent env seen the same way for every family (all methods are pure and jittable).
+    A SMAX state is (key, JaxMARL state): SMAX's step draws random numbers, our step takes no key."""
 
     env: object
     family: str
@@ -207,6 +231,8 @@ class Env(NamedTuple):
 
     def observe(self, observation):
         """Per-agent float observation (N, obs_dim)."""
+        if self.family == "smax":  # one vector per ally (plus "world_state", unused: see README)
+            return jnp.stack([observation[agent] for agent in self.env.agents]).astype(jnp.float32)
         if self.family != "connector":
             return observation.agents_view.astype(jnp.float32)
         # Connector-v3 shares one (G, G) grid where agent i's path / position / target read 3i+1 / 3i+2 / 3i+3:
@@ -218,11 +244,37 @@ class Env(NamedTuple):
         return jnp.stack(planes, -1).reshape(self.num_agents, -1).astype(jnp.float32)  # (N, 6 G^2)
 
     def reset(self, key):
+        if self.family == "smax":
+            key, reset_key = jax.random.split(key)
+            obs, state = self.env.reset(reset_key)
+            return (key, state), self.observe(obs), self.smax_mask(state)
         state, ts = self.env.reset(key)
         return state, self.observe(ts.observation), ts.observation.action_mask
 
+    def smax_mask(self, state):
+        masks = self.env.get_avail_actions(state)  # ally -> (A,) uint8; dead allies may only stop
+        return jnp.stack([masks[agent] for agent in self.env.agents]).astype(bool)
+
+    def smax_step(self, state, actions):
+        # step_env, not JaxMARL's step: that one computes a reset on every step (our pool resets instead)
+        key, step_key = jax.random.split(state[0])
+        actions = dict(zip(self.env.agents, actions))
+        obs, state, rewards, _, _ = self.env.step_env(step_key, state[1], actions)
+        alive = state.state.unit_alive  # (allies + enemies,)
+        allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
+        # one side wiped out is a termination; the time limit otherwise ends the episode (a truncation). Counted
+        # here: JaxMARL's own done tests the step count before it adds the step, one step late (101 steps).
+        terminated = allies_dead | enemies_dead
+        truncated = (state.state.step >= self.time_limit) & ~terminated
+        won = enemies_dead & ~allies_dead  # as JaxMARL's win bonus: a draw is no win
+        reward = rewards[self.env.agents[0]]  # every ally gets the same team reward (tested): count it once
+        mask = self.smax_mask(state)
+        return (key, state), self.observe(obs), mask, reward, terminated, truncated, won.astype(jnp.float32)
+
     def step(self, state, actions):
         """-> state, obs (N, O), action mask (N, A), team reward, terminated, truncated, success figure."""
+        if self.family == "smax":
+            return self.smax_step(state, actions)
         state, ts = self.env.step(state, actions)
         obs = ts.observation
         # Every family ends at its time limit with step_count == time_limit: that is a truncation (bootstrap),
@@ -236,13 +288,27 @@ class Env(NamedTuple):
 
 
 def make_env(env_id, num_agents=None):
-    # jumanji here, not at the top: importing it starts XLA, which jax.distributed.initialize() must precede
+    family, kw, time_limit = env_config(env_id, num_agents)
+    # jaxmarl and jumanji here, not at the top: importing them starts XLA, which jax.distributed.initialize()
+    # must precede
+    if family == "smax":
+        import jaxmarl
+        from jaxmarl.environments.smax import Scenario, map_name_to_scenario
+
+        n = kw["num_agents"]
+        scenario = map_name_to_scenario(kw["scenario"])
+        if n != scenario.num_allies:  # smacv2 N vs N, as a Mava-based make_env defines smacv2_40..1280_units
+            scenario = Scenario(jnp.zeros(2 * n, jnp.uint8), n, n, True, True)
+        # Mava's SMAX settings (mava/configs/env/smax.yaml): the heuristic enemy attacks the closest unit
+        env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, max_steps=time_limit, see_enemy_actions=True,
+                           walls_cause_death=True, attack_mode="closest")  # fmt: skip
+        obs_dim, action_dim = env.observation_spaces["ally_0"].shape[0], env.action_spaces["ally_0"].n
+        return Env(env, family, n, obs_dim, action_dim, time_limit)
     from jumanji.environments import Connector, LevelBasedForaging, RobotWarehouse
     from jumanji.environments.routing.connector.generator import RandomWalkGenerator
     from jumanji.environments.routing.lbf.generator import RandomGenerator as LBFGenerator
     from jumanji.environments.routing.robot_warehouse.generator import RandomGenerator as RWAREGenerator
 
-    family, kw, time_limit = env_config(env_id, num_agents)
     env_class, generator = {
         "rware": (RobotWarehouse, RWAREGenerator),
         "lbf": (LevelBasedForaging, LBFGenerator),

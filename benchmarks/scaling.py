@@ -20,8 +20,10 @@ Compile time (`lower().compile()`) is reported apart; times are the median of --
 each waiting with block_until_ready (fewer calls when they would take longer than --max-seconds). Once one
 compile or call of a method takes longer than --max-seconds, or fails (e.g. out of memory), the larger N of that
 method are skipped and recorded as such. A second table times one real env step (the scripts' wrapper, random
-legal actions, --batch envs, vmapped and jitted) on RobotWarehouse and Connector grown to N agents, for N in
---agents up to --env-agents, with the same budget rule.
+legal actions, --batch envs, vmapped and jitted) on RobotWarehouse and Connector grown to N agents and on SMAX's
+smacv2 with N vs N units (the paper's own Figure 2 env), for N in --agents up to --env-agents, with the same
+budget rule. --env-only times these env steps alone; a run replaces its own env ids' rows of env_step_<device>.csv
+and keeps the others.
 
 Writes to --out-dir (device = cpu or gpu): scaling_<device>.csv, env_step_<device>.csv, the log-log plot
 scaling_<device>.png and scaling_<device>_slopes.csv (slope of log time vs log N over --slope-range). Prints the
@@ -31,6 +33,7 @@ come, so an interrupted sweep keeps what it measured.
     python benchmarks/scaling.py                                  # the full sweep (long on a small CPU)
     python benchmarks/scaling.py --agents 2 4 8 --repeats 2 --env-agents 8 --out-dir /tmp/scaling_try
     python benchmarks/scaling.py --methods mam mat-cache --max-seconds 20 --env-agents 0   # no env timing
+    python benchmarks/scaling.py --env-only --env-ids smax-smacv2_5_units --agents 5 10 20 40 80
     python benchmarks/scaling.py --from-csv benchmarks/results/scaling_gpu.csv            # re-plot / re-report
 
 On a GPU (pip install -U "jax[cuda12]") it runs there; JAX_PLATFORMS=cpu forces the CPU. Timings on shared
@@ -65,7 +68,7 @@ METHODS = {
     "mat-recompute": (mat_ppo, {"decode": "recompute"}),
     "mappo": (mappo, {}),
 }
-ENV_IDS = ("rware-tiny-2ag", "con-10x10x10a")
+ENV_IDS = ("rware-tiny-2ag", "con-10x10x10a", "smax-smacv2_5_units")
 COLUMNS = ["method", "n_agents", "act_ms", "act_compile_s", "train_ms", "train_compile_s"]
 COLUMNS += ["act_peak_mb", "train_peak_mb", "status", "machine"]
 ENV_COLUMNS = ["env_id", "n_agents", "grid", "obs_dim", "batch", "step_ms", "compile_s", "env_steps_per_s"]
@@ -102,6 +105,7 @@ def parse_args():
         "--env-agents", type=int, default=512, help="time env steps for the --agents up to this (0: none)"
     )
     parser.add_argument("--env-ids", nargs="+", default=list(ENV_IDS), help="env aliases of the scripts")
+    parser.add_argument("--env-only", action="store_true", help="time the env steps only, no networks")
     parser.add_argument(
         "--slope-range",
         type=int,
@@ -281,6 +285,8 @@ def grid_label(env_id, n_agents):
     family, kw, _ = mappo.env_config(env_id, n_agents)
     if family == "rware":
         return f"{kw['shelf_rows']}x{kw['shelf_columns']} shelves"
+    if family == "smax":
+        return f"{kw['num_agents']} vs {kw['num_enemies']} units"
     return f"{kw['grid_size']}x{kw['grid_size']}"
 
 
@@ -305,7 +311,10 @@ def time_env_step(env_id, n_agents, opts, key):
 
 
 def run_envs(opts, machine, path):
-    rows = []
+    kept, rows = [], []  # kept: the CSV's rows of the env ids not measured now
+    if path.exists():
+        with open(path, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if r["env_id"] not in opts.env_ids]
     for env_id in opts.env_ids:
         why_skip = None
         for n_agents in [n for n in opts.agents if n <= opts.env_agents]:
@@ -329,7 +338,7 @@ def run_envs(opts, machine, path):
                 f"step {row['step_ms']:9.2f} ms  compile {row['compile_s']:6.1f} s  {row['status']}",
                 flush=True,
             )
-            write_csv(path, rows, ENV_COLUMNS)
+            write_csv(path, kept + rows, ENV_COLUMNS)
             jax.clear_caches()
     return rows
 
@@ -446,6 +455,19 @@ def plot(rows, path, machine):
     plt.close(fig)
 
 
+def report_envs(env_rows, opts):
+    if not env_rows:
+        return
+    print(f"\nenv step ({opts.batch} envs, random legal actions, the scripts' wrapper):\n")
+    print("| env | N | grid | obs dim | step ms | compile s | env steps/s | status |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+    for r in env_rows:
+        print(
+            f"| {r['env_id']} | {r['n_agents']} | {r['grid']} | {r['obs_dim']} | {fmt(r['step_ms'])} | "
+            f"{fmt(r['compile_s'], 1)} | {fmt(r['env_steps_per_s'], 0)} | {r['status']} |"
+        )
+
+
 def report(rows, env_rows, opts, machine, device):
     lo, hi = opts.slope_range
     fits = fit_slopes(rows, lo, hi)
@@ -480,15 +502,7 @@ def report(rows, env_rows, opts, machine, device):
             f"{fmt(r['train_ms'])} | {fmt(r['train_compile_s'], 1)} | {fmt(r['act_peak_mb'], 1)} | "
             f"{fmt(r['train_peak_mb'], 1)} | {r['status']} |"
         )
-    if env_rows:
-        print(f"\nenv step ({opts.batch} envs, random legal actions, the scripts' wrapper):\n")
-        print("| env | N | grid | obs dim | step ms | compile s | env steps/s | status |")
-        print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
-        for r in env_rows:
-            print(
-                f"| {r['env_id']} | {r['n_agents']} | {r['grid']} | {r['obs_dim']} | {fmt(r['step_ms'])} | "
-                f"{fmt(r['compile_s'], 1)} | {fmt(r['env_steps_per_s'], 0)} | {r['status']} |"
-            )
+    report_envs(env_rows, opts)
 
     png = opts.out_dir / f"scaling_{device}.png"
     plot(rows, png, machine)
@@ -509,13 +523,18 @@ def main():
     print(
         f"methods {' '.join(opts.methods)}; N {opts.agents}; repeats {opts.repeats}; budget {opts.max_seconds} s"
     )
-    rows = run_networks(opts, machine, opts.out_dir / f"scaling_{device}.csv")
+    rows = [] if opts.env_only else run_networks(opts, machine, opts.out_dir / f"scaling_{device}.csv")
     env_rows = []
     if opts.env_agents > 0 and any(n <= opts.env_agents for n in opts.agents):
         print(f"\nenv step, {opts.batch} envs:")
         env_rows = run_envs(opts, machine, opts.out_dir / f"env_step_{device}.csv")
-    report(rows, env_rows, opts, machine, device)
-    saved = [f"scaling_{device}.csv"] + ([f"env_step_{device}.csv"] if env_rows else [])
+    if opts.env_only:
+        report_envs(env_rows, opts)
+    else:
+        report(rows, env_rows, opts, machine, device)
+    saved = ([] if opts.env_only else [f"scaling_{device}.csv"]) + (
+        [f"env_step_{device}.csv"] if env_rows else []
+    )
     print(f"saved {', '.join(str(opts.out_dir / name) for name in saved)}")
 
 

@@ -3,10 +3,13 @@
 The scripts' update steps are timed round-robin, one iteration each per round (the median iteration counts), so
 that drift on a shared machine hits them alike. The ceiling steps the same wrapped envs (same num_envs, same
 pool auto-reset as training) with random legal actions and nothing else; training can only approach it. Both exclude compilation and run jitted, with one host
-sync per iteration like the scripts' own loop.
+sync per iteration like the scripts' own loop. A run replaces its own rows of the CSV (env id, script, devices)
+and keeps the others.
 
     python benchmarks/throughput.py                       # all scripts, the three tasks, 16 envs
     python benchmarks/throughput.py --scripts mappo --env-ids rware-tiny-4ag --iterations 20
+    # the env-only ceiling alone (script "env only"), for envs too slow to train here: SMAX on a CPU
+    python benchmarks/throughput.py --env-only --env-ids smax-2s3z rware-tiny-4ag --iterations 3
     # data parallelism: the same runs on 1 and on 2 devices (here 2 CPU devices forced onto the one CPU)
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/throughput.py --num-devices 1 2 \
         --out benchmarks/results/devices_cpu.csv
@@ -31,8 +34,8 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def env_only_sps(module, env, num_envs, num_steps, iterations):
-    """Random legal actions through the script's own wrapper and pool auto-reset."""
+def env_only_sps(env, num_envs, num_steps, iterations):
+    """Random legal actions through the script's own wrapper and pool auto-reset. -> steps/s, compile seconds."""
 
     def rollout(carry, key):
         def step(carry, key):
@@ -59,14 +62,16 @@ def env_only_sps(module, env, num_envs, num_steps, iterations):
         return (state, mask), checksum
 
     state, _, mask = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), num_envs))
+    t0 = time.perf_counter()
     run = jax.jit(rollout).lower((state, mask), jax.random.PRNGKey(1)).compile()
+    compile_s = time.perf_counter() - t0
     carry, out = run((state, mask), jax.random.PRNGKey(1))
     jax.block_until_ready(out)
     start = time.perf_counter()
     for i in range(iterations):
         carry, out = run(carry, jax.random.PRNGKey(i + 2))
         out.item()  # one host sync per iteration, like the training loop
-    return iterations * num_envs * num_steps / (time.perf_counter() - start)
+    return iterations * num_envs * num_steps / (time.perf_counter() - start), compile_s
 
 
 def build_update(module, args):
@@ -118,6 +123,11 @@ def main():
         "--iterations", type=int, default=10, help="timed iterations per script after one warm-up"
     )
     parser.add_argument(
+        "--env-only",
+        action="store_true",
+        help="only the env-only ceiling (no training): rows of script 'env only'",
+    )
+    parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "throughput_cpu.csv")
     )
     opts = parser.parse_args()
@@ -135,6 +145,18 @@ def main():
         )
     rows = []
     for env_id in opts.env_ids:
+        if opts.env_only:  # the wrapper is the same in every script: mappo's
+            module = importlib.import_module("mappo")
+            num_steps = module.Args().num_steps
+            ceiling, env_compile_s = env_only_sps(
+                module.make_env(env_id), opts.num_envs, num_steps, opts.iterations
+            )
+            row = dict(env_id=env_id, script="env only", num_devices=1, num_envs=opts.num_envs,
+                       num_steps=num_steps, train_sps="", env_only_sps=round(ceiling), ratio="",
+                       compile_s=round(env_compile_s, 1), machine=machine)  # fmt: skip
+            print(row, flush=True)
+            rows.append(row)
+            continue
         runs, compile_s = {}, {}
         for name in opts.scripts:
             module = importlib.import_module(name)
@@ -142,7 +164,7 @@ def main():
                 args = replace(module.Args(), env_id=env_id, num_envs=opts.num_envs, num_devices=num_devices)
                 env, runs[name, num_devices], compile_s[name, num_devices] = build_update(module, args)
         # the same wrapper in every script: one env-only ceiling per env
-        ceiling = env_only_sps(module, env, opts.num_envs, args.num_steps, opts.iterations)
+        ceiling, _ = env_only_sps(env, opts.num_envs, args.num_steps, opts.iterations)
         for (name, num_devices), sps in alternate_sps(
             runs, opts.num_envs * args.num_steps, opts.iterations
         ).items():
@@ -155,16 +177,21 @@ def main():
         del runs
 
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)
+    ours = {(r["env_id"], r["script"], str(r["num_devices"])) for r in rows}
+    kept = []
+    if os.path.exists(opts.out):
+        with open(opts.out, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if (r["env_id"], r["script"], r["num_devices"]) not in ours]
     with open(opts.out, "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(kept + rows)
     print("\n| env | script | devices | train SPS | env-only SPS | ratio | compile s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['env_id']} | {r['script']} | {r['num_devices']} | {r['train_sps']} | {r['env_only_sps']} "
-            f"| {r['ratio']:.3f} | {r['compile_s']} |"
+            f"| {r['ratio'] and format(r['ratio'], '.3f')} | {r['compile_s']} |"
         )
     print(f"saved {opts.out}")
 
