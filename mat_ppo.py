@@ -921,11 +921,15 @@ class Run:
                     data.update({f"seed{self.args.seed + k}/{n}": float(v[k]) for k in range(len(v))})
             if sps is not None:
                 data["charts/SPS"] = sps
-            if self.unlogged_videos and not self.video.is_alive():  # logged once drawn, at the current step
-                data.update(
-                    {f"videos/{os.path.basename(p)[:-4]}": self.wandb_video(p) for p in self.unlogged_videos}
-                )
-                self.unlogged_videos = []
+            # the GIFs whose drawing has finished, as one list (there can be two when drawing is slow)
+            drawing = self.video is not None and self.video.is_alive()
+            done = self.unlogged_videos[:-1] if drawing else self.unlogged_videos
+            if done:
+                import wandb
+
+                name = os.path.basename
+                data["videos/eval"] = [wandb.Video(p, caption=name(p), format="gif") for p in done]
+                self.unlogged_videos = self.unlogged_videos[len(done) :]
             self.wandb.log(data, step=global_step)
 
     def record(self, video, iteration):
@@ -946,11 +950,6 @@ class Run:
     def wait_for_video(self):
         if self.video is not None:
             self.video.join()
-
-    def wandb_video(self, path):
-        import wandb
-
-        return wandb.Video(path, format="gif")
 
     def save_model(self, params):
         tmp = os.path.join(self.dir, "model.msgpack.tmp")
