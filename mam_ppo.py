@@ -291,8 +291,25 @@ class Env(NamedTuple):
 
     def animate(self, states, path):
         """Host side: draws an episode (a list of unbatched states) into a GIF with the env's own renderer."""
-        animation = self.env.animate(states, interval=100)  # 10 frames per second
-        animation.save(path, writer="pillow", dpi=30)  # 300 px wide; matplotlib's time grows with the pixels
+        if (
+            self.family == "smax"
+        ):  # JaxMARL's drawing of one SMAX state, once per env step (its visualiser also
+            # re-simulates and draws the 8 world ticks between steps, eagerly: minutes an episode)
+            import matplotlib.pyplot as plt
+            from matplotlib.animation import FuncAnimation
+
+            fig, ax = plt.subplots(figsize=(6, 5))
+            plt.close(fig)
+            smax = [s.state for _, s in states]
+            draw = lambda t: self.env.init_render(
+                ax, (None, smax[t], dict(zip(self.env.all_agents, smax[t].prev_attack_actions))), 0, t
+            )
+            animation = FuncAnimation(fig, draw, frames=len(states), interval=100)
+        else:
+            animation = self.env.animate(states, interval=100)  # 10 frames per second
+        animation.save(
+            path, writer="pillow", dpi=50 if self.family == "smax" else 30
+        )  # 300 px wide: matplotlib's time grows with the pixels
 
 
 def make_env(env_id, num_agents=None):
@@ -871,7 +888,7 @@ def check_video(env):
     from matplotlib import animation
 
     matplotlib.use("Agg")  # draws off-screen, and from Run.record's thread
-    if not hasattr(env.env, "animate"):
+    if not hasattr(env.env, "init_render" if env.family == "smax" else "animate"):  # SMAX: JaxMARL draws it
         fail(f"--capture-video: the {env.family} envs have no renderer")
     if not animation.writers.is_available("pillow"):
         fail("--capture-video: matplotlib finds no GIF writer (pillow); pip install pillow")
@@ -996,9 +1013,16 @@ class Run:
         frames = [jax.tree.map(lambda x: x[t], states) for t in range(int(length) + 1)]
         os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
         path = os.path.join(self.dir, "videos", f"iter_{iteration}.gif")
-        self.video = threading.Thread(target=self.env.animate, args=(frames, path))
+        self.video = threading.Thread(target=self.draw, args=(frames, path))
         self.video.start()
         self.unlogged_videos.append(path)
+
+    def draw(self, frames, path):
+        try:
+            self.env.animate(frames, path)
+        except Exception as e:  # a failed drawing loses one GIF, not the run
+            print(f"warning: --capture-video could not draw {path}: {type(e).__name__}: {e}", file=sys.stderr)
+            self.unlogged_videos.remove(path)
 
     def wait_for_video(self):
         if self.video is not None:
