@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional
@@ -94,6 +95,8 @@ class Args:
     """evaluate with greedy (argmax) actions; --no-eval-greedy samples from the policy as training does"""
     eval_every: int = 0
     """also evaluate every this many iterations (0: only at the end)"""
+    capture_video: bool = False
+    """record one evaluation episode at each evaluation (runs/{run_name}/videos/iter_{k}.gif; wandb with --track)"""
 
     # Network
     hidden_dim: int = 128
@@ -267,6 +270,28 @@ class Env(NamedTuple):
         success = ts.extras[key].astype(jnp.float32) if key else jnp.float32(jnp.nan)
         reward = jnp.sum(ts.reward)  # team reward: RWARE's is a scalar, LBF and Connector give one per agent
         return state, self.observe(obs), obs.action_mask, reward, terminated, truncated, success
+
+    def animate(self, states, path):
+        """Host side: draws an episode (a list of unbatched states) into a GIF with the env's own renderer."""
+        if (
+            self.family == "smax"
+        ):  # JaxMARL's drawing of one SMAX state, once per env step (its visualiser also
+            # re-simulates and draws the 8 world ticks between steps, eagerly: minutes an episode)
+            import matplotlib.pyplot as plt
+            from matplotlib.animation import FuncAnimation
+
+            fig, ax = plt.subplots(figsize=(6, 5))
+            plt.close(fig)
+            smax = [s.state for _, s in states]
+            draw = lambda t: self.env.init_render(
+                ax, (None, smax[t], dict(zip(self.env.all_agents, smax[t].prev_attack_actions))), 0, t
+            )
+            animation = FuncAnimation(fig, draw, frames=len(states), interval=100)
+        else:
+            animation = self.env.animate(states, interval=100)  # 10 frames per second
+        animation.save(
+            path, writer="pillow", dpi=50 if self.family == "smax" else 30
+        )  # 300 px wide: matplotlib's time grows with the pixels
 
 
 def make_env(env_id, num_agents=None):
@@ -522,12 +547,15 @@ def make_update_step(args, env, network, mesh=None):
 
 
 def make_evaluate(args, env, network):
-    """Greedy (or sampled) actions in args.eval_episodes fresh envs, side by side until each ends an episode."""
+    """Greedy (or sampled) actions in args.eval_episodes fresh envs, side by side until each ends an episode.
+    -> the episodes' mean metrics, and with --capture-video env 0's states (time_limit + 1, ...) and its
+    episode length (Run.record draws them), else None."""
 
     def evaluate(params, key):
         reset_key, act_key = jax.random.split(key)
         state, obs, mask = jax.vmap(env.reset)(jax.random.split(reset_key, args.eval_episodes))
         zeros = jnp.zeros(args.eval_episodes)
+        env0 = lambda tree: jax.tree.map(lambda x: x[0], tree)  # the recorded env's share of a batch
 
         def step(carry, t):
             state, obs, mask, alive, ret, length, success = carry
@@ -536,12 +564,17 @@ def make_evaluate(args, env, network):
             state, obs, mask, reward, term, trunc, succ = jax.vmap(env.step)(state, actions)
             ret, length = ret + reward * alive, length + alive
             success = jnp.where(alive, succ, success)
-            return (state, obs, mask, alive & ~(term | trunc), ret, length, success), None
+            frame = env0(state) if args.capture_video else None
+            return (state, obs, mask, alive & ~(term | trunc), ret, length, success), frame
 
         carry = (state, obs, mask, jnp.ones(args.eval_episodes, bool), zeros, zeros, zeros)
-        (_, _, _, _, ret, length, success), _ = jax.lax.scan(step, carry, jnp.arange(env.time_limit))
+        (_, _, _, _, ret, length, success), frames = jax.lax.scan(step, carry, jnp.arange(env.time_limit))
         episodes = dict(episodic_return=ret, episodic_length=length, success=success)
-        return {f"eval/{name}": x.mean() for name, x in episodes.items()}
+        metrics = {f"eval/{name}": x.mean() for name, x in episodes.items()}
+        if not args.capture_video:
+            return metrics, None
+        frames = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), env0(state), frames)
+        return metrics, (frames, length[0].astype(jnp.int32))
 
     return evaluate
 
@@ -641,6 +674,18 @@ def check_args(args):
         fail(f"--num-envs {args.num_envs} is not divisible by the {devices} devices it is split over")
 
 
+def check_video(env):
+    """--capture-video's bad cases, found at start-up rather than at the end of a long run."""
+    import matplotlib
+    from matplotlib import animation
+
+    matplotlib.use("Agg")  # draws off-screen, and from Run.record's thread
+    if not hasattr(env.env, "init_render" if env.family == "smax" else "animate"):  # SMAX: JaxMARL draws it
+        fail(f"--capture-video: the {env.family} envs have no renderer")
+    if not animation.writers.is_available("pillow"):
+        fail("--capture-video: matplotlib finds no GIF writer (pillow); pip install pillow")
+
+
 def read_checkpoint(args):
     """--load-model: the saved model fixes the env and the network, the other flags (seed, eval_episodes...)
     stay. -> args with the saved env and network, the params' raw state dict. Fails with one line if unreadable."""
@@ -703,7 +748,8 @@ class Run:
         while os.path.exists(self.dir):
             self.dir += "_"
         os.makedirs(self.dir)
-        self.args, self.wandb = args, None
+        self.args, self.env, self.wandb = args, env, None
+        self.video, self.unlogged_videos = None, []  # the drawing thread; GIFs not yet sent to wandb
         self.metrics = open(os.path.join(self.dir, "metrics.csv"), "w", newline="")
         self.writer = csv.DictWriter(self.metrics, self.COLUMNS)
         self.writer.writeheader()
@@ -737,7 +783,42 @@ class Run:
                     data.update({f"seed{self.args.seed + k}/{n}": float(v[k]) for k in range(len(v))})
             if sps is not None:
                 data["charts/SPS"] = sps
+            # the GIFs whose drawing has finished, as one list (there can be two when drawing is slow)
+            drawing = self.video is not None and self.video.is_alive()
+            done = self.unlogged_videos[:-1] if drawing else self.unlogged_videos
+            if done:
+                import wandb
+
+                name = os.path.basename
+                data["videos/eval"] = [wandb.Video(p, caption=name(p), format="gif") for p in done]
+                self.unlogged_videos = self.unlogged_videos[len(done) :]
             self.wandb.log(data, step=global_step)
+
+    def record(self, video, iteration):
+        """--capture-video: draws seed 0's recorded evaluation episode into videos/iter_{iteration}.gif with the
+        env's own renderer. matplotlib takes ~60 ms a frame on a CPU (30 s for a 500-step RWARE episode), so it
+        draws in a thread while training goes on, one recording at a time; finish() waits for the last."""
+        if video is None:
+            return
+        self.wait_for_video()
+        states, length = jax.tree.map(lambda x: np.asarray(x[0]), video)  # seed 0, on the host
+        frames = [jax.tree.map(lambda x: x[t], states) for t in range(int(length) + 1)]
+        os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
+        path = os.path.join(self.dir, "videos", f"iter_{iteration}.gif")
+        self.video = threading.Thread(target=self.draw, args=(frames, path))
+        self.video.start()
+        self.unlogged_videos.append(path)
+
+    def draw(self, frames, path):
+        try:
+            self.env.animate(frames, path)
+        except Exception as e:  # a failed drawing loses one GIF, not the run
+            print(f"warning: --capture-video could not draw {path}: {type(e).__name__}: {e}", file=sys.stderr)
+            self.unlogged_videos.remove(path)
+
+    def wait_for_video(self):
+        if self.video is not None:
+            self.video.join()
 
     def save_model(self, params):
         tmp = os.path.join(self.dir, "model.msgpack.tmp")
@@ -749,6 +830,7 @@ class Run:
 
     def finish(self, results, iteration, step, **summary):
         """Logs the final evaluation, then writes summary.json, last: it marks a complete run."""
+        self.wait_for_video()
         self.log(iteration, step, results)
         self.metrics.close()
         self.timing.close()
@@ -786,6 +868,8 @@ def main(args):
     if args.load_model is not None:
         args, checkpoint = read_checkpoint(args)
     env = make_env(args.env_id, args.num_agents)
+    if args.capture_video:
+        check_video(env)
     network = build_network(args, env)
     if checkpoint is not None:  # a saved model is evaluated over all its seeds
         params = load_params(network, env, checkpoint)
@@ -793,7 +877,8 @@ def main(args):
     evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
     run = Run(args, env)
     if checkpoint is not None:  # evaluate it, no training
-        results = jax.device_get(evaluate(params, seed_keys(args)))
+        results, video = jax.device_get(evaluate(params, seed_keys(args)))
+        run.record(video, 0)
         returns = results["eval/episodic_return"]
         print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
         run.finish(results, 0, 0)
@@ -830,15 +915,19 @@ def main(args):
         metrics["charts/learning_rate"] = np.full(args.num_seeds, lr_now)
         line = f"iter {iteration}/{num_iterations} global_step={global_step} episodic_return={format_mean(metrics['charts/episodic_return'])}"
         if args.eval_every and iteration % args.eval_every == 0 and iteration != num_iterations:
-            eval_keys = seed_keys(args, 1000 * iteration)
-            metrics.update(jax.device_get(evaluate(runners.train_state.params, eval_keys)))
+            results, video = jax.device_get(
+                evaluate(runners.train_state.params, seed_keys(args, 1000 * iteration))
+            )
+            metrics.update(results)
+            run.record(video, iteration)
             line += f" eval/episodic_return={format_mean(metrics['eval/episodic_return'])}"
         print(f"{line} SPS={sps:.0f}", flush=True)
         run.log(iteration, global_step, metrics, sps, seconds)
         if args.save_model and (iteration % max(1, num_iterations // 10) == 0 or iteration == num_iterations):
             run.save_model(runners.train_state.params)
 
-    results = jax.device_get(evaluate(runners.train_state.params, seed_keys(args, 10**6)))
+    results, video = jax.device_get(evaluate(runners.train_state.params, seed_keys(args, 10**6)))
+    run.record(video, num_iterations)
     summary = dict(global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
     run.finish(results, num_iterations, num_iterations * batch_size, **summary)
     print(

@@ -232,7 +232,7 @@ def test_eval_greedy_flag(script):
 
     def lengths(eval_greedy, seeds):
         evaluate = jax.jit(module.make_evaluate(replace(args, eval_greedy=eval_greedy), env, network))
-        return [float(evaluate(params, jax.random.PRNGKey(s))["eval/episodic_length"]) for s in seeds]
+        return [float(evaluate(params, jax.random.PRNGKey(s))[0]["eval/episodic_length"]) for s in seeds]
 
     (greedy,), (sampled, other_key) = lengths(True, [1]), lengths(False, [1, 2])
     assert sampled < greedy and sampled != other_key  # here: 500 (the time limit) vs about 300

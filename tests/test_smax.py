@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import read_metrics, read_summary, run_dirs
 from test_cli import assert_complete_run
+from test_video import gif_frames
 
 import mappo
 
@@ -130,13 +131,16 @@ def test_truncation_termination_and_win_told_apart(played):
 def test_smoke_smacv2_3_vs_3(script, run_script, tmp_path):
     flags = ["--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--num-minibatches", "1"]
     flags += ["--update-epochs", "1", "--eval-episodes", "2"]
-    out = run_script(script, "--env-id", "smax-smacv2_5_units", "--num-agents", "3", *flags)
+    video = ["--capture-video"] if script == "mappo.py" else []  # JaxMARL's drawing, once
+    out = run_script(script, "--env-id", "smax-smacv2_5_units", "--num-agents", "3", *flags, *video)
     assert out.returncode == 0, out.stderr
     assert "3 agents, obs 75, actions 8" in out.stdout  # 3 vs 3: 5 moves + 3 targets
     (run_dir,) = run_dirs(tmp_path)
     assert_complete_run(run_dir, iterations=2, seeds=1)
     assert "charts/success" in read_metrics(run_dir)[0]
     assert 0 <= read_summary(run_dir)["eval/success"][0] <= 1  # the win rate
+    if video:  # the first of the 2 eval episodes: at least its start and one step
+        assert gif_frames(run_dir / "videos" / "iter_2.gif") >= 2
     assert math.isfinite(read_summary(run_dir)["eval/episodic_return"][0])
 
 
