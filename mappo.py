@@ -551,10 +551,10 @@ def runner_shapes(args, env, network, tx, shardings):
     """The runners' shapes, dtypes and shardings, computing nothing: enough to compile the update step and check
     its memory before any state exists, and to read a checkpoint into."""
     shapes = jax.eval_shape(lambda: init_runners(args, env, network, tx, seed_keys(args)))
-    place = lambda sharding, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree.map(
-        lambda sharding, tree: jax.tree.map(lambda x: place(sharding, x), tree), shardings, shapes
+    place = lambda sharding, tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
     )
+    return jax.tree.map(place, shardings, shapes)  # each field's sharding on each of its leaves
 
 
 @jax.jit
@@ -665,11 +665,9 @@ def read_resume(args):
     changed = [
         f for f in asdict(args) if f not in RESUME_MAY_CHANGE and getattr(args, f) != getattr(saved, f)
     ]
+    given = [f"--{f.replace('_', '-')} {getattr(args, f)} (run: {getattr(saved, f)})" for f in changed]
     if changed:
-        given = ", ".join(
-            f"--{f.replace('_', '-')} {getattr(args, f)} (run: {getattr(saved, f)})" for f in changed
-        )
-        fail(f"--resume: these flags would change what the run computes: {given}")
+        fail(f"--resume: these flags would change what the run computes: {', '.join(given)}")
     path = os.path.join(args.resume, "checkpoint.msgpack")
     try:
         with open(path, "rb") as f:
@@ -704,9 +702,9 @@ def check_memory(compiled, mesh, args):
     its arguments, outputs and scratch buffers, per device, against free host RAM on a CPU (shared by every CPU
     device) or the free memory of an accelerator."""
     stats = compiled.memory_analysis()
-    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     if stats is None:
         return
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     need = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
     need += stats.temp_size_in_bytes
     if devices[0].platform == "cpu":
@@ -720,10 +718,8 @@ def check_memory(compiled, mesh, args):
         memory = devices[0].memory_stats() or {}
         if "bytes_limit" not in memory:
             return
-        free, what = (
-            memory["bytes_limit"] - memory.get("bytes_in_use", 0),
-            f"free on {devices[0].device_kind}",
-        )
+        free = memory["bytes_limit"] - memory.get("bytes_in_use", 0)
+        what = f"free on {devices[0].device_kind}"
     if need > free:
         fail(f"out of memory: the update step needs {need / 1e9:.1f} GB, {what}: {free / 1e9:.1f} GB; "
              f"{memory_hint(args)}")  # fmt: skip
@@ -840,9 +836,8 @@ class Run:
             return
         leaves = {str(i): x for i, x in enumerate(jax.device_get(jax.tree.leaves(runners)))}
         state = dict(iteration=iteration, seconds=seconds, leaves=leaves)
-        write_atomic(
-            os.path.join(self.dir, "checkpoint.msgpack"), flax.serialization.msgpack_serialize(state)
-        )
+        path = os.path.join(self.dir, "checkpoint.msgpack")
+        write_atomic(path, flax.serialization.msgpack_serialize(state))
         self.checkpoint_iteration = iteration
 
     def checkpoint_or_stop(self, runners, iteration, seconds, last, signum):
@@ -852,11 +847,7 @@ class Run:
         if every and (iteration % every == 0 or last or signum):
             self.checkpoint(runners, iteration, seconds)
         if signum and not last:
-            how = (
-                f"resume with: python {sys.argv[0]} --resume {self.dir}"
-                if every
-                else "--checkpoint-every 0: no checkpoint"
-            )
+            how = f"resume with: python {sys.argv[0]} --resume {self.dir}" if every else "no checkpoint (off)"
             self.stop(128 + signum, f"interrupted after iteration {iteration}; {how}", reason="interrupted")
 
     def stop_if_diverged(self, iteration, metrics, params_ok):
@@ -868,10 +859,8 @@ class Run:
                 seed = self.args.seed + int(np.argmin(ok))
                 it = self.checkpoint_iteration
                 kept = f"kept the checkpoint of iteration {it}" if it else "no checkpoint was written"
-                message = (
-                    f"error: diverged at iteration {iteration}: {name} of seed {seed} is not finite; {kept}"
-                )
-                self.stop(1, message, reason="diverged")
+                message = f"error: diverged at iteration {iteration}: {name} of seed {seed} is not finite"
+                self.stop(1, f"{message}; {kept}", reason="diverged")
 
     def stop_if_out_of_memory(self, error):
         """The fallback of check_memory: XLA ran out of memory while running."""
