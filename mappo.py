@@ -12,6 +12,7 @@ global state (all agents' observations) and predicts the team's return. The base
 import csv
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -53,6 +54,10 @@ class Args:
     """whether to save the model (params + args) into the `runs/{run_name}` folder"""
     load_model: Optional[str] = None
     """path of a saved model (its model.msgpack or its run folder): evaluate it without training"""
+    resume: Optional[str] = None
+    """a run folder (runs/{run_name}): continue that run from its last checkpoint, with its flags"""
+    checkpoint_every: int = 50
+    """write the whole training state to the run folder every this many iterations (0: never)"""
 
     # Algorithm specific arguments
     env_id: str = "rware-tiny-2ag"
@@ -614,10 +619,13 @@ def over_seeds(f):
     return run
 
 
+FINAL_EVAL = 10**6
+
+
 def seed_keys(args, offset=0):
     """One PRNG key per seed (K,): seed k of --num-seeds K draws what a run with --seed seed+k draws. Each use has
-    its own offset so that no two share a key stream: 0 trains (and evaluates a loaded model), 1000 * i is the
-    evaluation after iteration i, 10**6 the final evaluation."""
+    its own offset so that no two share a key stream: 0 trains, 1000 * i is the evaluation after iteration i,
+    FINAL_EVAL the final evaluation (and a loaded model's: it reproduces the final evaluation of its run)."""
     return jax.vmap(jax.random.PRNGKey)(args.seed + offset + jnp.arange(args.num_seeds))
 
 
@@ -638,6 +646,22 @@ def init_runners(args, env, network, tx, keys):
     return jax.tree.map(lambda *x: jnp.stack(x), *[init_runner(key) for key in keys])
 
 
+def runner_shapes(args, env, network, tx, shardings):
+    """The runners' shapes, dtypes and shardings, computing nothing: enough to compile the update step and check
+    its memory before any state exists, and to read a checkpoint into."""
+    shapes = jax.eval_shape(lambda: init_runners(args, env, network, tx, seed_keys(args)))
+    place = lambda sharding, tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+    )
+    return jax.tree.map(place, shardings, shapes)  # each field's sharding on each of its leaves
+
+
+@jax.jit
+def params_finite(params):
+    """(K,) whether every param of each seed is finite."""
+    return jnp.stack([jnp.isfinite(x).reshape(x.shape[0], -1).all(1) for x in jax.tree.leaves(params)]).all(0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line, checkpoints, logging
 # ----------------------------------------------------------------------------------------------------------
@@ -651,8 +675,11 @@ def check_args(args):
     for name in ["num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "eval_episodes"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.eval_every < 0:
-        fail(f"--eval-every must be 0 (only at the end) or more (got {args.eval_every})")
+    for name in ["eval_every", "checkpoint_every"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be 0 (off) or more (got {getattr(args, name)})")
+    if args.resume is not None and (args.load_model is not None or jax.process_count() > 1):
+        fail("--resume continues a single-process training run: not with --load-model or several processes")
     if not (args.learning_rate > 0 and 0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
         fail("--learning-rate must be > 0 and --gamma, --gae-lambda within [0, 1]")
     batch = args.num_envs * args.num_steps
@@ -727,34 +754,147 @@ def load_params(network, env, state):
     return jax.tree.map(jnp.asarray, params)
 
 
+# the flags a resumed run may change: none of them changes what it computes (more devices change float sums)
+RESUME_MAY_CHANGE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "save_model", "resume",
+                     "checkpoint_every", "num_devices", "total_timesteps", "capture_video")  # fmt: skip
+
+
+def saved_args(run_dir):
+    """The flags of the run in run_dir (its args.json)."""
+    path = os.path.join(run_dir, "args.json")
+    try:
+        with open(path) as f:
+            return Args(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"--resume: cannot read the run's flags from {path} ({type(e).__name__}: {e})")
+
+
+def read_resume(args):
+    """--resume RUN_DIR: the run's flags must be the saved ones, but for RESUME_MAY_CHANGE; a longer
+    --total-timesteps extends the run. -> args, the checkpoint (iteration, seconds, the runner's leaves)."""
+    saved = saved_args(args.resume)
+    changed = [
+        f for f in asdict(args) if f not in RESUME_MAY_CHANGE and getattr(args, f) != getattr(saved, f)
+    ]
+    given = [f"--{f.replace('_', '-')} {getattr(args, f)} (run: {getattr(saved, f)})" for f in changed]
+    if changed:
+        fail(f"--resume: these flags would change what the run computes: {', '.join(given)}")
+    path = os.path.join(args.resume, "checkpoint.msgpack")
+    try:
+        with open(path, "rb") as f:
+            checkpoint = flax.serialization.msgpack_restore(f.read())
+        iteration = int(checkpoint["iteration"])
+    except Exception as e:  # missing or unreadable: say which, no traceback
+        fail(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}: {e})")
+    batch = args.num_envs * args.num_steps
+    if args.total_timesteps // batch <= iteration:
+        fail(f"--resume: the run has done its {iteration} iterations ({iteration * batch} steps); to go on, "
+             f"give a larger --total-timesteps")  # fmt: skip
+    return args, checkpoint
+
+
+def restore_runners(checkpoint, shapes):
+    """The runners of a checkpoint, placed on the devices as shapes (runner_shapes) says."""
+    leaves = [checkpoint["leaves"][str(i)] for i in range(len(checkpoint["leaves"]))]
+    want = jax.tree.leaves(shapes)
+    if [(x.shape, x.dtype) for x in leaves] != [(w.shape, w.dtype) for w in want]:
+        fail("--resume: the checkpoint's arrays do not fit the runner state of this script")
+    placed = [jax.device_put(x, w.sharding) for x, w in zip(leaves, want)]
+    return jax.tree.unflatten(jax.tree.structure(shapes), placed)
+
+
+def memory_hint(args):
+    return (f"lower --num-envs ({args.num_envs}), --num-steps ({args.num_steps}) or --num-agents "
+            f"({args.num_agents or 'the env default'}), or raise --num-minibatches ({args.num_minibatches})")  # fmt: skip
+
+
+def check_memory(compiled, mesh, args):
+    """Fail before the first update if the compiled update step needs more memory than there is: XLA's count of
+    its arguments, outputs and scratch buffers, per device, against free host RAM on a CPU (shared by every CPU
+    device) or the free memory of an accelerator."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    need = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+    need += stats.temp_size_in_bytes
+    if devices[0].platform == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return  # not Linux: no check
+        need, what = need * len(devices), "host RAM available"
+    else:
+        memory = devices[0].memory_stats() or {}
+        if "bytes_limit" not in memory:
+            return
+        free = memory["bytes_limit"] - memory.get("bytes_in_use", 0)
+        what = f"free on {devices[0].device_kind}"
+    if need > free:
+        fail(f"out of memory: the update step needs {need / 1e9:.1f} GB, {what}: {free / 1e9:.1f} GB; "
+             f"{memory_hint(args)}")  # fmt: skip
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) or SIGTERM (a cluster scheduler) asks the run to stop after the current iteration; a second
+    one stops it at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum:
+            self.restore()
+            signal.raise_signal(signum)
+        self.signum = signum
+        print(
+            f"{signal.Signals(signum).name}: stopping after this iteration (again: at once)", file=sys.stderr
+        )
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 class Run:
-    """The run's folder runs/{run_name}/: metrics.csv (deterministic numbers, one row per iteration and seed),
-    timing.csv (SPS), the saved model, summary.json and, with --track, wandb."""
+    """The run's folder runs/{run_name}/: args.json, metrics.csv (deterministic numbers, one row per iteration and
+    seed), timing.csv (SPS), checkpoint.msgpack, the saved model, and, last, summary.json for a complete run or
+    stopped.json for one that stopped early (interrupted, diverged, out of memory); with --track, wandb."""
 
     COLUMNS = ["iteration", "seed", "global_step", "charts/episodic_return", "charts/episodic_length",
                "charts/success", "charts/episodes", "charts/learning_rate", "losses/value_loss", "losses/policy_loss",
                "losses/entropy", "losses/approx_kl", "losses/clipfrac", "eval/episodic_return",
                "eval/episodic_length", "eval/success"]  # fmt: skip
 
-    def __init__(self, args, env):
+    def __init__(self, args, env, checkpoint=None):
         default_kwargs, env_kwargs = ENVS[args.env_id][1], env_config(args.env_id, args.num_agents)[1]
         if env_kwargs != default_kwargs:
             changed = {k: v for k, v in env_kwargs.items() if default_kwargs[k] != v}
             print(f"{args.env_id} with {args.num_agents} agents: generator resized to {changed}")
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        if jax.process_count() > 1:  # every host logs the same numbers; keep their folders apart
-            run_name += f"__p{jax.process_index()}"
-        self.dir = os.path.join("runs", run_name)
-        while os.path.exists(self.dir):
-            self.dir += "_"
-        os.makedirs(self.dir)
         self.args, self.env, self.wandb = args, env, None
         self.video, self.unlogged_videos = None, []  # the drawing thread; GIFs not yet sent to wandb
-        self.metrics = open(os.path.join(self.dir, "metrics.csv"), "w", newline="")
+        self.checkpoint_iteration = checkpoint and int(checkpoint["iteration"])  # the last one written
+        self.first_iteration = (self.checkpoint_iteration or 0) + 1
+        if checkpoint is None:
+            run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            if jax.process_count() > 1:  # every host logs the same numbers; keep their folders apart
+                run_name += f"__p{jax.process_index()}"
+            self.dir = os.path.join("runs", run_name)
+            while os.path.exists(self.dir):
+                self.dir += "_"
+            os.makedirs(self.dir)
+        else:  # the run goes on in its folder: no longer complete, or stopped
+            self.dir = args.resume
+            run_name = os.path.basename(os.path.normpath(self.dir))
+            for name in ("summary.json", "stopped.json"):
+                if os.path.exists(os.path.join(self.dir, name)):
+                    os.remove(os.path.join(self.dir, name))
+        write_atomic(os.path.join(self.dir, "args.json"), json.dumps(asdict(args), indent=2).encode())
+        self.metrics = self.open_csv("metrics.csv", ",".join(self.COLUMNS) + "\r\n")
         self.writer = csv.DictWriter(self.metrics, self.COLUMNS)
-        self.writer.writeheader()
-        self.timing = open(os.path.join(self.dir, "timing.csv"), "w", newline="")
-        self.timing.write("iteration,global_step,SPS,seconds\n")
+        self.timing = self.open_csv("timing.csv", "iteration,global_step,SPS,seconds\n")
         if args.track:
             import wandb
 
@@ -762,9 +902,22 @@ class Run:
                 print("wandb: no login found, logging offline (sync later with `wandb sync`)")
                 os.environ["WANDB_MODE"] = "offline"
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                                    name=run_name, dir=self.dir, save_code=True)  # fmt: skip
+                                    name=run_name, id=run_name, resume="allow", dir=self.dir, save_code=True)  # fmt: skip
         sizes = f"{env.num_agents} agents, obs {env.obs_dim}, actions {env.action_dim}"
-        print(f"run: {self.dir}  env: {args.env_id} ({sizes})")
+        resumed = f", resumed after iteration {self.checkpoint_iteration}" if checkpoint else ""
+        print(f"run: {self.dir}  env: {args.env_id} ({sizes}){resumed}")
+
+    def open_csv(self, name, header):
+        """A new file with its header; resuming, the old one cut back to the checkpoint (the rows after it are
+        computed again)."""
+        path, lines = os.path.join(self.dir, name), [header]
+        if self.checkpoint_iteration is not None:
+            with open(path, newline="") as f:
+                lines = f.readlines()  # the first column is the iteration; a half-written last line goes
+            keep = lambda line: line.endswith("\n") and int(line.split(",")[0]) <= self.checkpoint_iteration
+            lines = lines[:1] + [line for line in lines[1:] if keep(line)]
+        write_atomic(path, "".join(lines).encode())
+        return open(path, "a", newline="")
 
     def log(self, iteration, global_step, metrics, sps=None, seconds=None):
         """metrics: name -> array (num_seeds,). Writes one row per seed; wandb gets the mean and each seed."""
@@ -821,23 +974,78 @@ class Run:
             self.video.join()
 
     def save_model(self, params):
-        tmp = os.path.join(self.dir, "model.msgpack.tmp")
-        with open(tmp, "wb") as f:
-            f.write(flax.serialization.to_bytes(params))
-        os.replace(tmp, os.path.join(self.dir, "model.msgpack"))  # atomic: a crash never leaves half a model
-        with open(os.path.join(self.dir, "args.json"), "w") as f:
-            json.dump(asdict(self.args), f, indent=2)
+        write_atomic(os.path.join(self.dir, "model.msgpack"), flax.serialization.to_bytes(params))
+
+    def checkpoint(self, runners, iteration, seconds):
+        """The whole training state (params, optimizer state with the schedule's step count, env states, episode
+        counters, keys), leaf by leaf, and the iteration it ends. Single-process runs only."""
+        if jax.process_count() > 1:
+            return
+        leaves = {str(i): x for i, x in enumerate(jax.device_get(jax.tree.leaves(runners)))}
+        state = dict(iteration=iteration, seconds=seconds, leaves=leaves)
+        path = os.path.join(self.dir, "checkpoint.msgpack")
+        write_atomic(path, flax.serialization.msgpack_serialize(state))
+        self.checkpoint_iteration = iteration
+
+    def checkpoint_or_stop(self, runners, iteration, seconds, last, signum):
+        """Checkpoint every --checkpoint-every iterations, after the last one and when a signal asks to stop; then
+        stop if it did (unless the run is at its end anyway)."""
+        every = self.args.checkpoint_every
+        if every and (iteration % every == 0 or last or signum):
+            self.checkpoint(runners, iteration, seconds)
+        if signum and not last:
+            how = f"resume with: python {sys.argv[0]} --resume {self.dir}" if every else "no checkpoint (off)"
+            self.stop(128 + signum, f"interrupted after iteration {iteration}; {how}", reason="interrupted")
+
+    def stop_if_diverged(self, iteration, metrics, params_ok):
+        """A loss or a param that is not finite stops the run before that iteration is logged or checkpointed:
+        the checkpoint on disk stays the last finite state."""
+        checks = {name: np.isfinite(v) for name, v in metrics.items() if name.startswith("losses/")}
+        for name, ok in {**checks, "params": params_ok}.items():
+            if not np.all(ok):
+                seed = self.args.seed + int(np.argmin(ok))
+                it = self.checkpoint_iteration
+                kept = f"kept the checkpoint of iteration {it}" if it else "no checkpoint was written"
+                message = f"error: diverged at iteration {iteration}: {name} of seed {seed} is not finite"
+                self.stop(1, f"{message}; {kept}", reason="diverged")
+
+    def stop_if_out_of_memory(self, error):
+        """The fallback of check_memory: XLA ran out of memory while running."""
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise error
+        message = f"error: out of memory ({str(error).splitlines()[0][:200]}); {memory_hint(self.args)}"
+        self.stop(1, message, reason="out of memory")
+
+    def close(self):
+        self.metrics.close()
+        self.timing.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
     def finish(self, results, iteration, step, **summary):
         """Logs the final evaluation, then writes summary.json, last: it marks a complete run."""
         self.wait_for_video()
         self.log(iteration, step, results)
-        self.metrics.close()
-        self.timing.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.close()
         with open(os.path.join(self.dir, "summary.json"), "w") as f:
             json.dump({**{k: np.asarray(v).tolist() for k, v in results.items()}, **summary}, f, indent=2)
+
+    def stop(self, exit_code, message, **status):
+        """Ends a run that did not complete: stopped.json says why, and the message is the last line printed."""
+        self.close()
+        status = dict(message=message, checkpoint_iteration=self.checkpoint_iteration, **status)
+        write_atomic(os.path.join(self.dir, "stopped.json"), json.dumps(status, indent=2).encode())
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(exit_code)
+
+
+def write_atomic(path, data):
+    """Write a temporary file, then rename it: a crash leaves the old file or the new one, never half of one."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def format_mean(values):
@@ -861,73 +1069,106 @@ def init_distributed():
         jax.distributed.initialize()
 
 
-def main(args):
-    init_distributed()
-    check_args(args)
-    checkpoint = None
-    if args.load_model is not None:
-        args, checkpoint = read_checkpoint(args)
+def evaluate_model(args):
+    """--load-model: evaluate a saved model over all its seeds, no training, with the keys of the final
+    evaluation of training: the same --seed gives the numbers its run ended with."""
+    args, state = read_checkpoint(args)
     env = make_env(args.env_id, args.num_agents)
     if args.capture_video:
         check_video(env)
     network = build_network(args, env)
-    if checkpoint is not None:  # a saved model is evaluated over all its seeds
-        params = load_params(network, env, checkpoint)
-        args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
+    params = load_params(network, env, state)
+    args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
     evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
     run = Run(args, env)
-    if checkpoint is not None:  # evaluate it, no training
-        results, video = jax.device_get(evaluate(params, seed_keys(args)))
-        run.record(video, 0)
-        returns = results["eval/episodic_return"]
-        print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
-        run.finish(results, 0, 0)
-        return results
+    results, video = jax.device_get(evaluate(params, seed_keys(args, FINAL_EVAL)))
+    run.record(video, 0)
+    returns = results["eval/episodic_return"]
+    print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
+    run.finish(results, 0, 0)
+    return results
 
+
+def compile_steps(args, env, network, tx, mesh):
+    """The update step and the evaluation, compiled from the runners' shapes (compiled here, not inside the timed
+    loop), with the memory check in between: nothing is computed before it. -> update, evaluate, shapes."""
+    shardings = runner_shardings(mesh)
+    shapes = runner_shapes(args, env, network, tx, shardings)
+    update_step = over_seeds(make_update_step(args, env, network, mesh))
+    update = jax.jit(update_step, out_shardings=(shardings, NamedSharding(mesh, P())))
+    t0 = time.time()
+    update = update.lower(shapes).compile()
+    check_memory(update, mesh, args)
+    evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
+    evaluate = evaluate.lower(shapes.train_state.params, seed_keys(args)).compile()
+    batch_size = args.num_envs * args.num_steps
+    print(
+        f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {args.total_timesteps // batch_size}"
+        f" iterations of {batch_size} steps on {mesh.size} device(s)"
+    )
+    return update, evaluate, shapes
+
+
+def main(args):
+    init_distributed()
+    check_args(args)
+    if args.load_model is not None:
+        return evaluate_model(args)
+    checkpoint = None
+    if args.resume is not None:
+        args, checkpoint = read_resume(args)
+    env = make_env(args.env_id, args.num_agents)
+    if args.capture_video:
+        check_video(env)
+    network = build_network(args, env)
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     updates_per_iteration = args.update_epochs * args.num_minibatches
+    # the schedule spans the run's --total-timesteps: resuming with a longer one stretches what is left of it
     updates = num_iterations * updates_per_iteration
     lr = optax.linear_schedule(args.learning_rate, 0.0, updates) if args.anneal_lr else args.learning_rate
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
     mesh = make_mesh(args)
-    shardings = runner_shardings(mesh)
-    runners = jax.device_put(init_runners(args, env, network, tx, seed_keys(args)), shardings)
-    update_step = over_seeds(make_update_step(args, env, network, mesh))
-    update = jax.jit(update_step, out_shardings=(shardings, NamedSharding(mesh, P())))
-    t0 = time.time()
-    update = update.lower(runners).compile()
-    # compiled here, not inside the timed loop
-    evaluate = evaluate.lower(runners.train_state.params, seed_keys(args)).compile()
-    print(
-        f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {num_iterations} iterations of {batch_size} steps"
-        f" on {mesh.size} device(s)"
-    )
+    update, evaluate, shapes = compile_steps(args, env, network, tx, mesh)
 
-    start = time.time()
-    for iteration in range(1, num_iterations + 1):
-        runners, metrics = update(runners)
-        metrics = jax.device_get(metrics)  # the one host sync per iteration: the numbers we log
-        global_step = iteration * batch_size
-        seconds = time.time() - start
-        sps = args.num_seeds * global_step / seconds
-        lr_now = lr(iteration * updates_per_iteration) if args.anneal_lr else lr
-        metrics["charts/learning_rate"] = np.full(args.num_seeds, lr_now)
-        line = f"iter {iteration}/{num_iterations} global_step={global_step} episodic_return={format_mean(metrics['charts/episodic_return'])}"
-        if args.eval_every and iteration % args.eval_every == 0 and iteration != num_iterations:
-            results, video = jax.device_get(
-                evaluate(runners.train_state.params, seed_keys(args, 1000 * iteration))
-            )
-            metrics.update(results)
-            run.record(video, iteration)
-            line += f" eval/episodic_return={format_mean(metrics['eval/episodic_return'])}"
-        print(f"{line} SPS={sps:.0f}", flush=True)
-        run.log(iteration, global_step, metrics, sps, seconds)
-        if args.save_model and (iteration % max(1, num_iterations // 10) == 0 or iteration == num_iterations):
-            run.save_model(runners.train_state.params)
-
-    results, video = jax.device_get(evaluate(runners.train_state.params, seed_keys(args, 10**6)))
-    run.record(video, num_iterations)
+    run, stop = Run(args, env, checkpoint), StopSignal()
+    try:
+        if checkpoint is None:
+            runners, seconds = init_runners(args, env, network, tx, seed_keys(args)), 0.0
+            runners = jax.device_put(runners, runner_shardings(mesh))
+        else:
+            runners, seconds = restore_runners(checkpoint, shapes), checkpoint["seconds"]
+        start = time.time() - seconds  # a resumed run's SPS counts the time of its earlier parts
+        for iteration in range(run.first_iteration, num_iterations + 1):
+            runners, metrics = update(runners)
+            # the one host sync per iteration: the numbers we log, and whether the params are still finite
+            metrics, params_ok = jax.device_get((metrics, params_finite(runners.train_state.params)))
+            run.stop_if_diverged(iteration, metrics, params_ok)
+            global_step = iteration * batch_size
+            seconds = time.time() - start
+            sps = args.num_seeds * global_step / seconds
+            lr_now = lr(iteration * updates_per_iteration) if args.anneal_lr else lr
+            metrics["charts/learning_rate"] = np.full(args.num_seeds, lr_now)
+            line = f"iter {iteration}/{num_iterations} global_step={global_step} episodic_return={format_mean(metrics['charts/episodic_return'])}"
+            if args.eval_every and iteration % args.eval_every == 0 and iteration != num_iterations:
+                eval_keys = seed_keys(args, 1000 * iteration)
+                results, video = jax.device_get(evaluate(runners.train_state.params, eval_keys))
+                metrics.update(results)
+                run.record(video, iteration)
+                line += f" eval/episodic_return={format_mean(metrics['eval/episodic_return'])}"
+            print(f"{line} SPS={sps:.0f}", flush=True)
+            run.log(iteration, global_step, metrics, sps, seconds)
+            if args.save_model and (
+                iteration % max(1, num_iterations // 10) == 0 or iteration == num_iterations
+            ):
+                run.save_model(runners.train_state.params)
+            run.checkpoint_or_stop(runners, iteration, seconds, iteration == num_iterations, stop.signum)
+        results, video = jax.device_get(evaluate(runners.train_state.params, seed_keys(args, FINAL_EVAL)))
+        run.record(video, num_iterations)
+    except jax.errors.JaxRuntimeError as e:
+        run.stop_if_out_of_memory(e)
+    finally:
+        stop.restore()
     summary = dict(global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
     run.finish(results, num_iterations, num_iterations * batch_size, **summary)
     print(
@@ -938,4 +1179,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    args = tyro.cli(Args)
+    if (
+        args.resume is not None
+    ):  # the run's saved flags become the defaults: only the flags given again differ
+        args = tyro.cli(Args, default=replace(saved_args(args.resume), resume=args.resume))
+    main(args)
