@@ -13,7 +13,6 @@ and SSM state: O(1) work per agent, O(N) per env step (MAT: O(N) per agent with 
 """
 
 import csv
-import functools
 import json
 import os
 import signal
@@ -102,8 +101,8 @@ class Args:
     """the maximum norm for the gradient clipping"""
     eval_episodes: int = 32
     """number of evaluation episodes (run in parallel) at the end of training"""
-    eval_greedy: bool = True
-    """evaluate with greedy (argmax) actions; --no-eval-greedy samples from the policy as training does"""
+    eval_greedy: bool = False
+    """evaluate with greedy (argmax) actions; by default actions are sampled as in training (Mava's evaluator)"""
     eval_every: int = 0
     """also evaluate every this many iterations (0: only at the end)"""
     capture_video: bool = False
@@ -118,8 +117,8 @@ class Args:
     """size of each channel's SSM state (small is best per the paper's ablation)"""
     d_conv: int = 4
     """width of the causal depthwise convolution over the agents"""
-    expand: int = 1
-    """the Mamba mixer's inner width is expand * n_embd"""
+    expand: int = 2
+    """the Mamba mixer's inner width is expand * n_embd (2 in the authors' code)"""
     dt_rank: int = 4
     """rank of the projection that produces the step size delta (small is best per the paper's ablation)"""
     scan_mode: Literal["sequential", "parallel"] = "sequential"
@@ -375,7 +374,8 @@ def dense(features, gain, use_bias=True):
     return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.orthogonal(gain))
 
 
-gelu = functools.partial(nn.gelu, approximate=False)  # the exact (erf) GELU of torch's nn.GELU, as MAT uses
+# Flax's default GELU, the tanh approximation: Mava's MAT and the authors' MAM use it, so the paper's numbers do
+gelu = nn.gelu
 
 
 def mlp(n_embd):  # the blocks' feed-forward: 1x width, as in MAT (not GPT's 4x)

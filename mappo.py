@@ -96,8 +96,8 @@ class Args:
     """the maximum norm for the gradient clipping"""
     eval_episodes: int = 32
     """number of evaluation episodes (run in parallel) at the end of training"""
-    eval_greedy: bool = True
-    """evaluate with greedy (argmax) actions; --no-eval-greedy samples from the policy as training does"""
+    eval_greedy: bool = False
+    """evaluate with greedy (argmax) actions; by default actions are sampled as in training (Mava's evaluator)"""
     eval_every: int = 0
     """also evaluate every this many iterations (0: only at the end)"""
     capture_video: bool = False

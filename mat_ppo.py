@@ -14,7 +14,6 @@ the network and nothing else.
 """
 
 import csv
-import functools
 import json
 import os
 import signal
@@ -101,8 +100,8 @@ class Args:
     """the maximum norm for the gradient clipping"""
     eval_episodes: int = 32
     """number of evaluation episodes (run in parallel) at the end of training"""
-    eval_greedy: bool = True
-    """evaluate with greedy (argmax) actions; --no-eval-greedy samples from the policy as training does"""
+    eval_greedy: bool = False
+    """evaluate with greedy (argmax) actions; by default actions are sampled as in training (Mava's evaluator)"""
     eval_every: int = 0
     """also evaluate every this many iterations (0: only at the end)"""
     capture_video: bool = False
@@ -364,7 +363,8 @@ def dense(features, gain, use_bias=True):
     return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.orthogonal(gain))
 
 
-gelu = functools.partial(nn.gelu, approximate=False)  # the exact (erf) GELU of torch's nn.GELU, as MAT uses
+# Flax's default GELU, the tanh approximation: Mava's MAT and the authors' MAM use it, so the paper's numbers do
+gelu = nn.gelu
 
 
 def mlp(n_embd):  # the blocks' feed-forward: 1x width, as in MAT (not GPT's 4x)
@@ -486,7 +486,9 @@ class MultiAgentTransformer(nn.Module):
         return jnp.where(action_mask, self.policy_head(x), -1e9)  # (B, N, A)
 
     def decode_step(self, rep, actions, action_mask, i, cache):  # agent i's logits (B, A), updated KV cache
-        at_i = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i, slice_size=1, axis=1)
+        def at_i(x):  # agent i's slice, kept as an axis of size 1
+            return jax.lax.dynamic_slice_in_dim(x, i, 1, axis=1)
+
         x = self.dec_ln(self.action_embed(at_i(shifted_tokens(actions, self.action_dim))))  # (B, 1, D)
         rep_i, new_cache = at_i(rep), []  # (B, 1, D)
         for block, block_cache in zip(self.dec_blocks, cache):
