@@ -62,7 +62,7 @@ def script_defaults(script):
                 if isinstance(item, ast.AnnAssign) and isinstance(item.value, ast.Constant):
                     defaults[item.target.id] = item.value.value
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "ENVS":
-            envs = [k.value for k in node.value.keys]
+            envs = [k.value for k in node.value.keys if k is not None]  # None: the **SMAX entries
     return defaults, envs
 
 
