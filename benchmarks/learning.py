@@ -1,26 +1,41 @@
-"""Learning curves of MAM vs MAT vs MAPPO: team return against env steps, mean and 95% CI over seeds.
+"""The learning study: MAM vs MAT vs MAPPO at budgets where the tasks are learned, reported as the paper does.
 
 Run mode (default) trains each algorithm (mam = mam_ppo.py, mat = mat_ppo.py, mappo = mappo.py, each with its
-own defaults) on each task, one run after another, with --num-seeds seeds in one process and the exp name
-`learning_{algo}`; each run's output is also written to {runs-dir}/learning_logs/. A (task, algo) that already
-has a complete run (summary.json present, the same seed, env steps and number of seeds) is skipped unless
---force. learning_runs.csv in --out-dir records which run folder belongs to which (task, algo).
+own defaults, sampled evaluation included) on each task of TASKS, one run after another, all seeds of a run in
+one process (--num-seeds), exp name `learning_{algo}`; each run's output also goes to
+{runs-dir}/learning_logs/. A task's budget is the same for the three algorithms, in env steps per seed or in
+wall-clock seconds. A seconds budget becomes env steps per algorithm: a short calibration run (8 iterations,
+no evaluation) measures the algorithm's SPS, and the run gets SPS x seconds steps, so that its learning rate
+anneals over its own budget (learning_calibration.csv keeps the numbers). Such runs evaluate only at the end.
 
-Report mode (--report-only, and always after running) reads every run recorded in learning_runs.csv
-(without that file: the newest complete run of each --env-ids x --algos, found by folder name) and writes
-to --out-dir:
-  learning_curves.csv  per (env_id, algo, global_step): mean over seeds of charts/episodic_return (training,
-                       sampled actions) with a 95% bootstrap CI (seeds resampled with replacement, 10000
-                       resamples, percentile interval, fixed RNG seed). An iteration where no episode
-                       ended (NaN) carries forward the seed's last finite value; --smooth K then averages
-                       each seed's last K iterations (default 1: no smoothing).
-  learning_final.csv   per (env_id, algo): the final greedy eval return (mean, 95% bootstrap CI, per seed),
-                       the last iteration's training return (after carry-forward), env steps and seconds.
-  learning.png         one panel per task: mean line and CI band per algo.
-and prints a markdown table of the final greedy returns.
+Runs survive sessions: stop the study with Ctrl-C, or `kill -INT -- -PGID` on its process group; the running
+script finishes its iteration, checkpoints and exits, and the next call with the same flags resumes it
+(`--resume`). A complete run (summary.json) with the same env, budget, seed and number of seeds is skipped
+unless --force.
 
-    python benchmarks/learning.py                                    # 3 tasks x 3 algos x 3 seeds
-    python benchmarks/learning.py --algos mappo mat --env-ids lbf-8x8-2p-2f-coop --timesteps 200000
+Report mode (--report-only, and always after running) finds the runs of --env-ids x --algos in runs/ (the
+newest complete one, else the newest one in progress, whose curve is drawn but which has no final score) and
+writes to --out-dir:
+  learning_runs.csv       which run folder is which (task, algo), its budget, steps done, seconds, status.
+  learning_curves.csv     per (task, algo, global_step): the training return (sampled actions) of each
+                          iteration, mean over seeds with a 95% bootstrap CI (seeds resampled, 10000
+                          resamples, percentile interval), and the run's wall-clock seconds at that point.
+                          An iteration in which no episode ended carries forward the seed's last value;
+                          --smooth K averages each seed's last K iterations.
+  learning_final.csv      per (task, algo): the final evaluation (32 episodes per seed, sampled actions) as
+                          the mean over seeds with a 95% bootstrap CI, and per seed.
+  learning_aggregate.csv  over the tasks every algorithm completed: each seed's final return min-max
+                          normalised per task (min and max over all algorithms' seeds on that task), then
+                          the IQM and the mean with 95% stratified-bootstrap CIs, and the probability of
+                          improvement of each pair, all from rliable (benchmarks/requirements.txt). Every
+                          task brings as many seeds as the task with the fewest (its first ones): rliable's
+                          score matrices are runs x tasks.
+  learning.png            one panel per task against env steps, and one against seconds for a seconds budget.
+  learning_aggregate.png  the aggregate with its CIs.
+
+    python benchmarks/learning.py                                       # the study: 4 tasks x 3 algorithms
+    python benchmarks/learning.py --env-ids rware-tiny-2ag --algos mappo mat
+    python benchmarks/learning.py --env-ids lbf-8x8-2p-2f-coop --budget lbf-8x8-2p-2f-coop=200000
     python benchmarks/learning.py --report-only --smooth 5
 """
 
@@ -29,6 +44,7 @@ import ast
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -38,13 +54,17 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"mam": "mam_ppo.py", "mat": "mat_ppo.py", "mappo": "mappo.py"}
 COLORS = {"mam": "tab:red", "mat": "tab:blue", "mappo": "tab:green"}
+# env_id: (budget per seed, "steps" or "seconds", seeds). RWARE learns between 0.8M and 1.5M steps (MAPPO);
+# con-15x15x23a, 23 agents, is where MAM's linear cost should show: the same wall-clock for every algorithm.
+TASKS = {
+    "rware-tiny-2ag": (3_000_000, "steps", 3),
+    "lbf-2s-10x10-3p-3f": (1_000_000, "steps", 3),
+    "con-10x10x10a": (1_000_000, "steps", 3),
+    "con-15x15x23a": (1200, "seconds", 2),
+}
+CALIBRATION_ITERATIONS = 8
+STOP = []  # the signal that asked the study to stop, if any
 r4 = lambda x: round(float(x), 4)
-RUN_FIELDS = ["env_id", "algo", "run_dir", "total_timesteps", "num_seeds", "seconds"]
-
-
-def rel(path):
-    """Relative to the repository root when inside it."""
-    return path if os.path.relpath(path, ROOT).startswith("..") else os.path.relpath(path, ROOT)
 
 
 def fail(message):
@@ -66,100 +86,176 @@ def script_defaults(script):
     return defaults, envs
 
 
-def read_run(run_dir):
-    """summary.json and the training rows of metrics.csv as {seed: [(global_step, return), ...]}."""
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    seeds = {}
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        for row in csv.DictReader(f):
-            if row["charts/episodic_return"] != "":  # the final eval row has only eval/* filled
-                seeds.setdefault(int(row["seed"]), []).append(
-                    (int(row["global_step"]), float(row["charts/episodic_return"]))
-                )
-    return summary, seeds
-
-
-def find_complete(runs_dir, env_id, algo, seed=None, global_step=None, num_seeds=None):
-    """Newest complete run folder named {env_id}__learning_{algo}__{seed}__..., matching what is given."""
-    prefix = f"{env_id}__learning_{algo}__" + (f"{seed}__" if seed is not None else "")
-    found = []
-    for name in os.listdir(runs_dir) if os.path.isdir(runs_dir) else []:
-        done = os.path.join(runs_dir, name, "summary.json")
-        if name.startswith(prefix) and os.path.exists(done):
-            summary, seeds = read_run(os.path.dirname(done))
-            if global_step in (None, summary.get("global_step")) and num_seeds in (None, len(seeds)):
-                found.append((os.path.getmtime(done), os.path.dirname(done)))
-    return max(found)[1] if found else None
-
-
-def load_runs_csv(path):
+def read_csv(path):
     with open(path) if os.path.exists(path) else open(os.devnull) as f:
-        return {(r["env_id"], r["algo"]): r for r in csv.DictReader(f)}
+        return list(csv.DictReader(f))
 
 
-def write_csv(path, rows, fields):
+def write_csv(path, rows, fields=None):
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fields)
+        writer = csv.DictWriter(f, fields or list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def launch(opts, env_id, algo, steps, log_path):
-    """Run one script to completion, teeing its output; returns its run folder (from its `run: ...` line)."""
-    batch = opts.batch[algo]
-    every = opts.eval_every if opts.eval_every is not None else max(1, steps // batch // 10)
-    flags = {"--env-id": env_id, "--total-timesteps": steps, "--num-seeds": opts.num_seeds,
-             "--seed": opts.seed, "--exp-name": f"learning_{algo}", "--eval-every": every,
-             "--eval-episodes": opts.eval_episodes}  # fmt: skip
-    cmd = [sys.executable, os.path.join(ROOT, SCRIPTS[algo]), *(str(x) for kv in flags.items() for x in kv)]
-    print(f"\n=== {env_id} / {algo}: {' '.join(cmd[1:])}  (log: {log_path})", flush=True)
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------------------
+def find_run(runs_dir, exp_name, env_id, seed, steps, num_seeds):
+    """-> (run folder, complete): the newest complete run with these flags, else the newest resumable one."""
+    found = []
+    for name in os.listdir(runs_dir) if os.path.isdir(runs_dir) else []:
+        folder = os.path.join(runs_dir, name)
+        if not name.startswith(f"{env_id}__{exp_name}__{seed}__"):
+            continue
+        try:
+            with open(os.path.join(folder, "args.json")) as f:
+                args = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if (args["total_timesteps"], args["num_seeds"]) != (steps, num_seeds):
+            continue
+        complete = os.path.exists(os.path.join(folder, "summary.json"))
+        if complete or os.path.exists(os.path.join(folder, "checkpoint.msgpack")):
+            found.append((complete, os.path.getmtime(os.path.join(folder, "args.json")), folder))
+    return (max(found)[2], max(found)[0]) if found else (None, False)
+
+
+def launch(opts, cmd, log_path, append=False):
+    """Run one script to its end, teeing its output into log_path; -> (exit code, run folder or None)."""
+    print(f"\n=== {' '.join(cmd[1:])}  (log: {os.path.relpath(log_path, ROOT)})", flush=True)
     run_dir = None
-    with open(log_path, "w") as log:  # cwd = the parent of runs-dir: the scripts write to ./runs/
+    with open(
+        log_path, "a" if append else "w"
+    ) as log:  # cwd = the parent of runs-dir: the scripts write to ./runs/
         proc = subprocess.Popen(cmd, cwd=os.path.dirname(opts.runs_dir), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
-        for line in proc.stdout:
+        for line in proc.stdout:  # a signal to the process group reaches the script too: keep reading
             sys.stdout.write(line)
             log.write(line)
             if line.startswith("run: "):
                 run_dir = os.path.join(os.path.dirname(opts.runs_dir), line[5:].split("  ")[0].strip())
         proc.wait()
-    if proc.returncode != 0 or run_dir is None or not os.path.exists(os.path.join(run_dir, "summary.json")):
-        print(f"FAILED: {env_id} / {algo} (exit code {proc.returncode}; see {log_path})", flush=True)
+    return proc.returncode, run_dir
+
+
+def command(opts, algo, flags):
+    flags = {
+        "--seed": opts.seed,
+        "--exp-name": f"learning_{algo}",
+        "--eval-episodes": opts.eval_episodes,
+        **flags,
+    }
+    return [sys.executable, os.path.join(ROOT, SCRIPTS[algo]), *(str(x) for kv in flags.items() for x in kv)]
+
+
+def calibrate(opts, env_id, algo, seconds, num_seeds):
+    """Env steps per seed that fill `seconds` for this algorithm: its SPS after compiling, times seconds."""
+    path = os.path.join(opts.out_dir, "learning_calibration.csv")
+    rows = read_csv(path)
+    key = dict(env_id=env_id, algo=algo, num_seeds=str(num_seeds))
+    for row in rows:
+        if all(row[k] == v for k, v in key.items()):
+            return int(float(row["SPS"]) * seconds) // opts.batch[algo] * opts.batch[algo]
+    flags = {"--env-id": env_id, "--total-timesteps": CALIBRATION_ITERATIONS * opts.batch[algo],
+             "--num-seeds": num_seeds, "--exp-name": f"calibrate_{algo}", "--eval-every": 0,
+             "--eval-episodes": 1, "--checkpoint-every": 0}  # fmt: skip
+    log = os.path.join(opts.runs_dir, "learning_logs", f"{env_id}__calibrate_{algo}.log")
+    code, run_dir = launch(opts, command(opts, algo, flags), log)
+    if code != 0 or run_dir is None:
         return None
-    return run_dir
+    timing = read_csv(os.path.join(run_dir, "timing.csv"))
+    first, last = timing[0], timing[-1]  # the first iteration pays the compile: measure from its end
+    sps = (int(last["global_step"]) - int(first["global_step"])) / (
+        float(last["seconds"]) - float(first["seconds"])
+    )
+    rows.append(dict(key, SPS=round(sps, 1), iterations=len(timing), run_dir=os.path.relpath(run_dir, ROOT)))
+    write_csv(path, rows)
+    return int(sps * seconds) // opts.batch[algo] * opts.batch[algo]
 
 
-def run_all(opts, runs_csv):
-    """Train every (task, algo) lacking a complete run; record each run folder as soon as it is known."""
-    records, failed = load_runs_csv(runs_csv), []
+def budget_steps(opts, env_id, algo, calibrate_missing=False):
+    """Env steps per seed of (task, algo): the step budget, or the calibrated steps of a seconds budget."""
+    budget, unit, seeds = opts.tasks[env_id]
+    if unit == "steps":
+        return budget
+    if calibrate_missing:
+        return calibrate(opts, env_id, algo, budget, seeds)
+    for row in read_csv(os.path.join(opts.out_dir, "learning_calibration.csv")):
+        if (row["env_id"], row["algo"], row["num_seeds"]) == (env_id, algo, str(seeds)):
+            return int(float(row["SPS"]) * budget) // opts.batch[algo] * opts.batch[algo]
+    return None
+
+
+def run_all(opts):
+    """Train, or resume, every (task, algo) that lacks a complete run; stop early on a signal."""
+    failed = []
     os.makedirs(os.path.join(opts.runs_dir, "learning_logs"), exist_ok=True)
     for env_id in opts.env_ids:
+        budget, unit, seeds = opts.tasks[env_id]
         for algo in opts.algos:
-            steps = opts.steps[env_id]
-            expected = steps // opts.batch[algo] * opts.batch[algo]  # the scripts run whole iterations
-            found = find_complete(opts.runs_dir, env_id, algo, opts.seed, expected, opts.num_seeds)
-            if found and not opts.force:
-                print(f"skip {env_id} / {algo}: complete run {found}")
-                run_dir = found
+            steps = budget_steps(opts, env_id, algo, calibrate_missing=True) if not STOP else None
+            if STOP:
+                return failed
+            if steps is None:
+                failed.append(f"{env_id}/{algo} (calibration)")
+                continue
+            run_dir, complete = find_run(opts.runs_dir, f"learning_{algo}", env_id, opts.seed, steps, seeds)
+            log = os.path.join(opts.runs_dir, "learning_logs", f"{env_id}__learning_{algo}.log")
+            if complete and not opts.force:
+                print(f"skip {env_id} / {algo}: complete run {os.path.relpath(run_dir, ROOT)}")
+                continue
+            if run_dir and not opts.force:
+                cmd = [
+                    *command(opts, algo, {})[:2],
+                    "--resume",
+                    os.path.relpath(run_dir, os.path.dirname(opts.runs_dir)),
+                ]
+                code, _ = launch(opts, cmd, log, append=True)
             else:
-                log = os.path.join(opts.runs_dir, "learning_logs", f"{env_id}__learning_{algo}.log")
-                run_dir = launch(opts, env_id, algo, steps, log)
-                if run_dir is None:
-                    failed.append(f"{env_id}/{algo}")
-                    continue
-            summary, seeds = read_run(run_dir)
-            records[(env_id, algo)] = dict(env_id=env_id, algo=algo, run_dir=rel(run_dir),
-                                           total_timesteps=summary["global_step"], num_seeds=len(seeds),
-                                           seconds=round(summary["seconds"], 1))  # fmt: skip
-            write_csv(runs_csv, list(records.values()), RUN_FIELDS)
+                every = 0 if unit == "seconds" else opts.eval_every
+                every = max(1, steps // opts.batch[algo] // 10) if every is None else every
+                flags = {
+                    "--env-id": env_id,
+                    "--total-timesteps": steps,
+                    "--num-seeds": seeds,
+                    "--eval-every": every,
+                }
+                code, _ = launch(opts, command(opts, algo, flags), log)
+            if STOP or code in (130, 143):
+                print(f"stopped during {env_id} / {algo}; run the same command again to resume", flush=True)
+                STOP.append(code)
+                return failed
+            if code != 0:
+                print(f"FAILED: {env_id} / {algo} (exit code {code}; see {log})", flush=True)
+                failed.append(f"{env_id}/{algo}")
     return failed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------
+def read_run(run_dir):
+    """-> (summary or None, {seed: [(global_step, return)]}, {global_step: seconds})."""
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else None
+    seeds = {}
+    for row in read_csv(os.path.join(run_dir, "metrics.csv")):
+        if row["charts/episodic_return"] != "":  # the final eval row has only eval/* filled
+            seeds.setdefault(int(row["seed"]), []).append(
+                (int(row["global_step"]), float(row["charts/episodic_return"]))
+            )
+    seconds = {
+        int(r["global_step"]): float(r["seconds"]) for r in read_csv(os.path.join(run_dir, "timing.csv"))
+    }
+    return summary, seeds, seconds
 
 
 def seed_matrix(seeds, smooth):
     """(n_seeds, n_iterations) training returns: NaN carried forward per seed, then a trailing K-mean."""
-    steps = np.array([s for s, _ in next(iter(seeds.values()))])
-    values = np.array([[r for _, r in rows] for rows in seeds.values()])
+    n = min(len(rows) for rows in seeds.values())  # a run in progress may have logged one seed more
+    steps = np.array([s for s, _ in next(iter(seeds.values()))][:n])
+    values = np.array([[r for _, r in rows[:n]] for rows in seeds.values()])
     for k in range(1, values.shape[1]):  # carry forward the last finite value (leading NaNs stay)
         values[:, k] = np.where(np.isnan(values[:, k]), values[:, k - 1], values[:, k])
     with warnings.catch_warnings():
@@ -181,51 +277,116 @@ def bootstrap(values, seed=0, n_boot=10000):
         return np.nanmean(values, axis=0), low, high, finite.sum(0)
 
 
-def report(opts, runs_csv):
-    records = load_runs_csv(runs_csv)
-    if not records:  # no record: the newest complete run of each (task, algo) by its folder name
-        for env_id in opts.env_ids:
-            for algo in opts.algos:
-                if run_dir := find_complete(opts.runs_dir, env_id, algo):
-                    records[(env_id, algo)] = dict(env_id=env_id, algo=algo, run_dir=rel(run_dir))
-    curves, finals, plot = [], [], {}
-    for (env_id, algo), rec in records.items():
-        run_dir = os.path.join(ROOT, rec["run_dir"])
-        if not os.path.exists(os.path.join(run_dir, "summary.json")):
-            print(f"skip {env_id} / {algo}: {run_dir} is missing or incomplete")
-            continue
-        summary, seeds = read_run(run_dir)
-        steps, raw, smoothed = seed_matrix(seeds, opts.smooth)
-        mean, low, high, n = bootstrap(smoothed)
-        curves += [dict(env_id=env_id, algo=algo, global_step=int(s), episodic_return=r4(m), ci_low=r4(lo),
-                        ci_high=r4(hi), n_seeds=int(k))
-                   for s, m, lo, hi, k in zip(steps, mean, low, high, n)]  # fmt: skip
-        plot.setdefault(env_id, {})[algo] = (steps, mean, low, high, len(seeds))
-        final = np.array(summary["eval/episodic_return"], dtype=float)
-        fm, flo, fhi, _ = bootstrap(final[:, None])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # no episode ended at all: NaN
-            last = np.nanmean(raw[:, -1])
-        finals.append(dict(env_id=env_id, algo=algo, eval_return=r4(fm[0]), ci_low=r4(flo[0]),
-                           ci_high=r4(fhi[0]), eval_per_seed=";".join(f"{v:g}" for v in final),
-                           n_seeds=len(final), train_return_last=r4(last),
-                           total_timesteps=summary["global_step"],
-                           seconds=round(summary["seconds"], 1), run_dir=rec["run_dir"]))  # fmt: skip
-    if not finals:
-        fail(f"no complete learning runs found ({runs_csv} or {opts.runs_dir})")
+def aggregate(finals, algos):
+    """rliable's aggregate of the min-max normalised final returns of the tasks every algorithm completed."""
+    done = finals_by(finals)
+    tasks = [t for t in dict.fromkeys(f["env_id"] for f in finals) if all((t, a) in done for a in algos)]
+    if len(algos) < 2 or not tasks:
+        return [], [], tasks
+    try:
+        from rliable import library as rly
+        from rliable import metrics
+    except ImportError as e:
+        print(f"no aggregate: rliable does not import ({e}); pip install -r benchmarks/requirements.txt")
+        return [], [], tasks
+    scores = {(t, a): np.array(done[t, a]["per_seed"]) for t in tasks for a in algos}
+    runs = min(len(s) for s in scores.values())
+    matrices = {a: np.zeros((runs, len(tasks))) for a in algos}
+    for j, t in enumerate(tasks):
+        low = min(scores[t, a].min() for a in algos)
+        high = max(scores[t, a].max() for a in algos)
+        for a in algos:  # a task where every run scored the same normalises to 0
+            matrices[a][:, j] = (scores[t, a][:runs] - low) / (high - low) if high > low else 0.0
+    iqm_mean = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
+    point, ci = rly.get_interval_estimates(matrices, iqm_mean, reps=10000)
+    rows = [dict(algo=a, metric=m, value=r4(point[a][i]), ci_low=r4(ci[a][0][i]), ci_high=r4(ci[a][1][i]),
+                 tasks=len(tasks), runs_per_task=runs)
+            for a in algos for i, m in enumerate(["IQM", "mean"])]  # fmt: skip
+    pairs = {f"{x},{y}": (matrices[x], matrices[y]) for i, x in enumerate(algos) for y in algos[i + 1 :]}
+    point, ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=10000)
+    pair_rows = [dict(algo=k.split(",")[0], over=k.split(",")[1], metric="P(algo > over)", value=r4(point[k]),
+                      ci_low=r4(ci[k][0][0]), ci_high=r4(ci[k][1][0]), tasks=len(tasks), runs_per_task=runs)
+                 for k in pairs]  # fmt: skip
+    return rows, pair_rows, tasks
+
+
+def finals_by(finals):
+    return {(f["env_id"], f["algo"]): f for f in finals}
+
+
+def report(opts):
+    records, curves, finals, plot = [], [], [], {}
+    for env_id in opts.env_ids:
+        budget, unit, seeds = opts.tasks[env_id]
+        for algo in opts.algos:
+            steps = budget_steps(opts, env_id, algo)
+            run_dir, complete = (None, False) if steps is None else find_run(
+                opts.runs_dir, f"learning_{algo}", env_id, opts.seed, steps, seeds)  # fmt: skip
+            if run_dir is None:
+                print(f"no run yet: {env_id} / {algo}")
+                continue
+            summary, per_seed, seconds = read_run(run_dir)
+            if not per_seed:
+                continue
+            x, raw, smoothed = seed_matrix(per_seed, opts.smooth)
+            mean, low, high, n = bootstrap(smoothed)
+            secs = np.array([seconds.get(int(s), np.nan) for s in x])
+            curves += [dict(env_id=env_id, algo=algo, global_step=int(s), seconds=round(float(t), 1),
+                            episodic_return=r4(m), ci_low=r4(lo), ci_high=r4(hi), n_seeds=int(k))
+                       for s, t, m, lo, hi, k in zip(x, secs, mean, low, high, n)]  # fmt: skip
+            plot.setdefault(env_id, {})[algo] = (x, secs, mean, low, high, len(per_seed))
+            records.append(dict(env_id=env_id, algo=algo, run_dir=os.path.relpath(run_dir, ROOT),
+                                budget=f"{budget} {unit}", total_timesteps=steps, steps_done=int(x[-1]),
+                                num_seeds=len(per_seed), seconds=round(float(np.nanmax(secs)), 1),
+                                status="complete" if complete else "in progress"))  # fmt: skip
+            if not complete:
+                continue
+            final = np.array(summary["eval/episodic_return"], dtype=float)
+            fm, flo, fhi, _ = bootstrap(final[:, None])
+            finals.append(dict(env_id=env_id, algo=algo, eval_return=r4(fm[0]), ci_low=r4(flo[0]),
+                               ci_high=r4(fhi[0]), eval_per_seed=";".join(f"{v:g}" for v in final),
+                               n_seeds=len(final), train_return_last=r4(np.nanmean(raw[:, -1])),
+                               total_timesteps=summary["global_step"], seconds=round(summary["seconds"], 1),
+                               per_seed=final))  # fmt: skip
+    if not records:
+        print(f"no learning runs found in {opts.runs_dir}")
+        return
     os.makedirs(opts.out_dir, exist_ok=True)
-    write_csv(os.path.join(opts.out_dir, "learning_curves.csv"), curves, list(curves[0]))
-    write_csv(os.path.join(opts.out_dir, "learning_final.csv"), finals, list(finals[0]))
+    out = lambda name: os.path.join(opts.out_dir, name)
+    write_csv(out("learning_runs.csv"), records)
+    write_csv(out("learning_curves.csv"), curves)
+    if finals:
+        write_csv(
+            out("learning_final.csv"), [{k: v for k, v in f.items() if k != "per_seed"} for f in finals]
+        )
+    algos = [a for a in SCRIPTS if a in opts.algos]
+    rows, pairs, tasks = aggregate(finals, algos)
+    if rows:
+        write_csv(out("learning_aggregate.csv"), rows + pairs)
+    print_tables(opts, finals, rows, pairs, tasks, algos)
+    draw(opts, plot, rows, algos)
 
-    tasks = list(plot)
-    algos = [a for a in SCRIPTS if any(a in plot[t] for t in tasks)]
-    print(f"\nFinal greedy eval return, mean [95% bootstrap CI] over seeds\n\n| task | {' | '.join(algos)} |")
-    print("|---" * (len(algos) + 1) + "|")
-    cell = {(r["env_id"], r["algo"]): f"{r['eval_return']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
-            for r in finals}  # fmt: skip
-    for t in tasks:
-        print(f"| {t} | " + " | ".join(cell.get((t, a), "-") for a in algos) + " |")
 
+def print_tables(opts, finals, rows, pairs, tasks, algos):
+    print("\nFinal evaluation return (sampled), mean [95% bootstrap CI] over seeds\n")
+    print(f"| task (budget per seed) | {' | '.join(algos)} |\n" + "| --- " * (len(algos) + 1) + "|")
+    cells = {
+        k: f"{f['eval_return']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}]"
+        for k, f in finals_by(finals).items()
+    }
+    for t in opts.env_ids:
+        budget, unit, _ = opts.tasks[t]
+        label = f"{budget / 60:g} min" if unit == "seconds" else f"{budget / 1e6:g}M steps"
+        print(f"| {t} ({label}) | " + " | ".join(cells.get((t, a), "-") for a in algos) + " |")
+    if rows:
+        print(f"\nAggregate over {len(tasks)} tasks ({', '.join(tasks)}), min-max normalised final returns,")
+        print("95% stratified-bootstrap CIs\n")
+        for r in rows + pairs:
+            who = f"P({r['algo']} > {r['over']})" if "over" in r else f"{r['metric']} {r['algo']}"
+            print(f"- {who}: {r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]")
+
+
+def draw(opts, plot, rows, algos):
     try:
         import matplotlib
 
@@ -234,45 +395,63 @@ def report(opts, runs_csv):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
-    for ax, t in zip(axes[0], tasks):
+    panels = [(t, "steps") for t in plot] + [(t, "seconds") for t in plot if opts.tasks[t][1] == "seconds"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
+    for ax, (t, axis) in zip(axes[0], panels):
         for a in algos:
             if a in plot[t]:
-                steps, mean, low, high, _ = plot[t][a]
-                ax.plot(steps, mean, color=COLORS[a], label=a, lw=1.5)
-                ax.fill_between(steps, low, high, color=COLORS[a], alpha=0.2, lw=0)
+                steps, secs, mean, low, high, _ = plot[t][a]
+                x = steps if axis == "steps" else secs / 60
+                ax.plot(x, mean, color=COLORS[a], label=a, lw=1.5)
+                ax.fill_between(x, low, high, color=COLORS[a], alpha=0.2, lw=0)
         ax.set_title(t, fontsize=10)
-        ax.set_xlabel("env steps (per seed)")
+        ax.set_xlabel("env steps (per seed)" if axis == "steps" else "wall-clock minutes (2-core CPU)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("episodic return (sampled)")
+    axes[0][0].set_ylabel("training return (sampled)")
     axes[0][0].legend(fontsize=8)
-    n_seeds = sorted({v[4] for p in plot.values() for v in p.values()})
+    n_seeds = sorted({v[5] for p in plot.values() for v in p.values()})
     note = f"mean and 95% bootstrap CI over {'/'.join(map(str, n_seeds))} seeds"
     fig.text(0.99, 0.01, note + (f", moving average of {opts.smooth} iterations" if opts.smooth > 1 else ""),
              ha="right", va="bottom", fontsize=7, color="gray")  # fmt: skip
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    png = os.path.join(opts.out_dir, "learning.png")
-    fig.savefig(png, dpi=100)
-    print(f"\nsaved {png} and the CSVs in {opts.out_dir}")
+    fig.savefig(os.path.join(opts.out_dir, "learning.png"), dpi=90)
+    plt.close(fig)
+    if rows:
+        fig, axes = plt.subplots(1, 2, figsize=(7, 0.5 + 0.45 * len(algos)), sharey=True)
+        for ax, metric in zip(axes, ["IQM", "mean"]):
+            for i, a in enumerate(algos):
+                r = next(r for r in rows if r["algo"] == a and r["metric"] == metric)
+                ax.plot([r["ci_low"], r["ci_high"]], [i, i], color=COLORS[a], lw=6, alpha=0.5)
+                ax.plot([r["value"]], [i], "|", color="k", ms=12)
+            ax.set_title(f"{metric} (min-max normalised)", fontsize=9)
+            ax.set_yticks(range(len(algos)), algos)
+            ax.grid(alpha=0.3, axis="x")
+        fig.tight_layout()
+        fig.savefig(os.path.join(opts.out_dir, "learning_aggregate.png"), dpi=90)
+        plt.close(fig)
+    print(f"\nsaved the CSVs and PNGs in {os.path.relpath(opts.out_dir, ROOT)}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
 def parse(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--env-ids", nargs="+", default=["rware-tiny-2ag", "lbf-2s-8x8-2p-2f-coop", "con-5x5x3a"])
+    add("--env-ids", nargs="+", default=list(TASKS))
     add("--algos", nargs="+", default=list(SCRIPTS), help="any of mam, mat, mappo")
-    add("--timesteps", type=int, default=500_000, help="env steps per seed, every task")
-    add("--timesteps-per-task", nargs="+", default=[], metavar="ENV=STEPS", help="overrides --timesteps")
-    add("--num-seeds", type=int, default=3)
+    add("--budget", nargs="+", default=[], metavar="ENV=N[s]",
+        help="budget per seed: N env steps or Ns wall-clock seconds (needed outside TASKS)")  # fmt: skip
+    add("--num-seeds", type=int, default=None, help="seeds per run (default: the task's, 3 or 2)")
     add("--seed", type=int, default=1)
     add("--eval-every", type=int, default=None, help="in iterations (0: only at the end; default: ~10 evals)")
     add("--eval-episodes", type=int, default=32)
     add("--smooth", type=int, default=1, help="moving average over K iterations per seed (1: none)")
     add("--force", action="store_true", help="train again even when a complete run exists")
-    add("--report-only", action="store_true", help="no training: report the recorded runs")
-    add("--out-dir", default="benchmarks/results", help="relative to the repository root")
+    add("--report-only", action="store_true", help="no training: report the runs found")
+    add("--out-dir", default="benchmarks/results/learning", help="relative to the repository root")
     add("--runs-dir", default="runs", help="where the scripts write (a folder named runs)")
     opts = parser.parse_args(argv)
 
@@ -282,35 +461,44 @@ def parse(argv=None):
         fail(f"unknown algo {' '.join(bad)} (choose from {', '.join(SCRIPTS)})")
     if bad := [e for e in opts.env_ids if e not in script_defaults("mappo.py")[1]]:
         fail(f"unknown env id {' '.join(bad)} (see the table in README.md)")
-    if bad := [n for n in ("num_seeds", "eval_episodes", "smooth", "timesteps") if getattr(opts, n) < 1]:
+    if bad := [n for n in ("num_seeds", "eval_episodes", "smooth") if (getattr(opts, n) or 1) < 1]:
         fail(f"--{bad[0].replace('_', '-')} must be positive (got {getattr(opts, bad[0])})")
     if (opts.eval_every or 0) < 0:
         fail(f"--eval-every must be 0 (only at the end) or more (got {opts.eval_every})")
     if os.path.basename(opts.runs_dir) != "runs":
         fail(f"--runs-dir must be a folder named runs, as the scripts write to ./runs (got {opts.runs_dir})")
-    opts.steps = dict.fromkeys(opts.env_ids, opts.timesteps)
-    for item in opts.timesteps_per_task:
-        env_id, _, steps = item.partition("=")
-        if env_id not in opts.env_ids or not steps.isdigit():
-            fail(f"--timesteps-per-task {item}: expected ENV=STEPS with ENV one of --env-ids")
-        opts.steps[env_id] = int(steps)
+    opts.tasks = dict(TASKS)
+    for item in opts.budget:
+        env_id, _, value = item.partition("=")
+        unit = "seconds" if value.endswith("s") else "steps"
+        if env_id not in opts.env_ids or not value.rstrip("s").isdigit() or int(value.rstrip("s")) < 1:
+            fail(f"--budget {item}: expected ENV=STEPS or ENV=SECONDSs with ENV one of --env-ids")
+        opts.tasks[env_id] = (int(value.rstrip("s")), unit, TASKS.get(env_id, (0, "", 3))[2])
+    if bad := [e for e in opts.env_ids if e not in opts.tasks]:
+        fail(f"no budget for {bad[0]}: add --budget {bad[0]}=STEPS")
+    if opts.num_seeds:
+        opts.tasks = {e: (b, u, opts.num_seeds) for e, (b, u, _) in opts.tasks.items()}
     defaults = {a: script_defaults(SCRIPTS[a])[0] for a in opts.algos}  # the scripts' own batch sizes
     opts.batch = {a: d["num_envs"] * d["num_steps"] for a, d in defaults.items()}
-    if bad := [a for a in opts.algos if min(opts.steps.values()) < opts.batch[a]]:
-        fail(f"timesteps below one batch of {SCRIPTS[bad[0]]} ({opts.batch[bad[0]]} steps)")
+    for e, a in [(e, a) for e in opts.env_ids for a in opts.algos if opts.tasks[e][1] == "steps"]:
+        if opts.tasks[e][0] < opts.batch[a]:
+            fail(f"the budget of {e} is below one batch of {SCRIPTS[a]} ({opts.batch[a]} steps)")
     return opts
 
 
 def main():
     opts = parse()
-    runs_csv = os.path.join(opts.out_dir, "learning_runs.csv")
     failed = []
     if not opts.report_only:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the script in progress gets it too, and checkpoints
+            signal.signal(sig, lambda signum, frame: STOP.append(128 + signum))
         os.makedirs(opts.out_dir, exist_ok=True)
-        failed = run_all(opts, runs_csv)
-    report(opts, runs_csv)
+        failed = run_all(opts)
+    report(opts)
     if failed:
         fail(f"runs failed: {' '.join(failed)}")
+    if STOP:
+        sys.exit(STOP[0])
 
 
 if __name__ == "__main__":
