@@ -177,7 +177,7 @@ CASES = [
 ]
 
 
-def one_update(module, tx, seeds, perturb=False, **overrides):
+def one_update(module, tx, seeds, perturb=0.0, **overrides):
     args = replace(
         module.Args(), env_id="rware-tiny-2ag", num_envs=4, num_steps=16, update_epochs=2, **overrides
     )
@@ -189,7 +189,7 @@ def one_update(module, tx, seeds, perturb=False, **overrides):
         params = runners.train_state.params
         leaves, tree = jax.tree.flatten(params)
         noise = jax.random.split(jax.random.PRNGKey(42), len(leaves))
-        leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, noise)]
+        leaves = [x + perturb * jax.random.normal(k, x.shape) for x, k in zip(leaves, noise)]
         runners = runners._replace(
             train_state=runners.train_state.replace(params=jax.tree.unflatten(tree, leaves))
         )
@@ -204,7 +204,9 @@ def test_ratio_is_one_before_any_update(script, overrides):
     the ratio must be exactly 1 on the whole rollout. An agent order in training that differs from acting (as in
     Mava's MAT), a wrong mask or a wrong action shift would show here."""
     module = importlib.import_module(script)
-    _, metrics = one_update(module, optax.set_to_zero(), [0], perturb=True, **overrides)
+    # MAM: noise 0.15, as in test_mam.py; with expand 2, 0.3 drives BiMamba's un-normalised second pass to NaN
+    scale = 0.15 if script == "mam_ppo" else 0.3
+    _, metrics = one_update(module, optax.set_to_zero(), [0], perturb=scale, **overrides)
     assert float(metrics["losses/approx_kl"][0]) < 1e-6
     assert float(metrics["losses/clipfrac"][0]) == 0.0
 
