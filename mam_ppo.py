@@ -295,10 +295,9 @@ class Env(NamedTuple):
 
     def animate(self, states, path):
         """Host side: draws an episode (a list of unbatched states) into a GIF with the env's own renderer."""
-        if (
-            self.family == "smax"
-        ):  # JaxMARL's drawing of one SMAX state, once per env step (its visualiser also
-            # re-simulates and draws the 8 world ticks between steps, eagerly: minutes an episode)
+        if self.family == "smax":
+            # JaxMARL's drawing of one SMAX state, once per env step (its visualiser also re-simulates and draws
+            # the 8 world ticks between steps, eagerly: minutes an episode)
             import matplotlib.pyplot as plt
             from matplotlib.animation import FuncAnimation
 
@@ -311,9 +310,8 @@ class Env(NamedTuple):
             animation = FuncAnimation(fig, draw, frames=len(states), interval=100)
         else:
             animation = self.env.animate(states, interval=100)  # 10 frames per second
-        animation.save(
-            path, writer="pillow", dpi=50 if self.family == "smax" else 30
-        )  # 300 px wide: matplotlib's time grows with the pixels
+        # 300 px wide: matplotlib's time grows with the pixels
+        animation.save(path, writer="pillow", dpi=50 if self.family == "smax" else 30)
 
 
 def make_env(env_id, num_agents=None):
@@ -344,9 +342,9 @@ def make_env(env_id, num_agents=None):
         "connector": (Connector, RandomWalkGenerator),
     }[family]
     env = env_class(generator=generator(**kw), time_limit=time_limit)
-    n, a = env.action_spec.shape[0], int(env.action_spec.num_values[0])
+    num_agents, action_dim = env.action_spec.shape[0], int(env.action_spec.num_values[0])
     obs_dim = 6 * kw["grid_size"] ** 2 if family == "connector" else env.observation_spec.agents_view.shape[1]
-    return Env(env, family, n, obs_dim, a, time_limit)
+    return Env(env, family, num_agents, obs_dim, action_dim, time_limit)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1012,8 +1010,10 @@ def restore_runners(checkpoint, shapes):
 
 
 def memory_hint(args):
-    return (f"lower --num-envs ({args.num_envs}), --num-steps ({args.num_steps}) or --num-agents "
-            f"({args.num_agents or 'the env default'}), or raise --num-minibatches ({args.num_minibatches})")  # fmt: skip
+    """What to change when the update step does not fit in memory."""
+    agents = args.num_agents or "the env default"
+    return (f"lower --num-envs ({args.num_envs}), --num-steps ({args.num_steps}) or --num-agents ({agents}), "
+            f"or raise --num-minibatches ({args.num_minibatches})")  # fmt: skip
 
 
 def check_memory(compiled, mesh, args):
@@ -1072,9 +1072,9 @@ class Run:
     stopped.json for one that stopped early (interrupted, diverged, out of memory); with --track, wandb."""
 
     COLUMNS = ["iteration", "seed", "global_step", "charts/episodic_return", "charts/episodic_length",
-               "charts/success", "charts/episodes", "charts/learning_rate", "losses/value_loss", "losses/policy_loss",
-               "losses/entropy", "losses/approx_kl", "losses/clipfrac", "eval/episodic_return",
-               "eval/episodic_length", "eval/success"]  # fmt: skip
+               "charts/success", "charts/episodes", "charts/learning_rate", "losses/value_loss",
+               "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
+               "eval/episodic_return", "eval/episodic_length", "eval/success"]  # fmt: skip
 
     def __init__(self, args, env, checkpoint=None):
         default_kwargs, env_kwargs = ENVS[args.env_id][1], env_config(args.env_id, args.num_agents)[1]
@@ -1109,8 +1109,9 @@ class Run:
             if not os.environ.get("WANDB_MODE") and not wandb.api.api_key:
                 print("wandb: no login found, logging offline (sync later with `wandb sync`)")
                 os.environ["WANDB_MODE"] = "offline"
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                                    name=run_name, id=run_name, resume="allow", dir=self.dir, save_code=True)  # fmt: skip
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
+                                    config=asdict(args), name=run_name, id=run_name, resume="allow",
+                                    dir=self.dir, save_code=True)  # fmt: skip
         sizes = f"{env.num_agents} agents, obs {env.obs_dim}, actions {env.action_dim}"
         resumed = f", resumed after iteration {self.checkpoint_iteration}" if checkpoint else ""
         print(f"run: {self.dir}  env: {args.env_id} ({sizes}){resumed}")
@@ -1140,8 +1141,8 @@ class Run:
         if self.wandb is not None:
             data = {name: float(np.nanmean(v)) for name, v in metrics.items()}
             if self.args.num_seeds > 1:
-                for n, v in metrics.items():
-                    data.update({f"seed{self.args.seed + k}/{n}": float(v[k]) for k in range(len(v))})
+                for name, v in metrics.items():
+                    data.update({f"seed{self.args.seed + k}/{name}": float(v[k]) for k in range(len(v))})
             if sps is not None:
                 data["charts/SPS"] = sps
             # the GIFs whose drawing has finished, as one list (there can be two when drawing is slow)
@@ -1150,8 +1151,9 @@ class Run:
             if done:
                 import wandb
 
-                name = os.path.basename
-                data["videos/eval"] = [wandb.Video(p, caption=name(p), format="gif") for p in done]
+                data["videos/eval"] = [
+                    wandb.Video(gif, caption=os.path.basename(gif), format="gif") for gif in done
+                ]
                 self.unlogged_videos = self.unlogged_videos[len(done) :]
             self.wandb.log(data, step=global_step)
 
@@ -1212,8 +1214,8 @@ class Run:
         for name, ok in {**checks, "params": params_ok}.items():
             if not np.all(ok):
                 seed = self.args.seed + int(np.argmin(ok))
-                it = self.checkpoint_iteration
-                kept = f"kept the checkpoint of iteration {it}" if it else "no checkpoint was written"
+                last = self.checkpoint_iteration
+                kept = f"kept the checkpoint of iteration {last}" if last else "no checkpoint was written"
                 message = f"error: diverged at iteration {iteration}: {name} of seed {seed} is not finite"
                 self.stop(1, f"{message}; {kept}", reason="diverged")
 
@@ -1310,10 +1312,9 @@ def compile_steps(args, env, network, tx, mesh):
     evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
     evaluate = evaluate.lower(shapes.train_state.params, seed_keys(args)).compile()
     batch_size = args.num_envs * args.num_steps
-    print(
-        f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {args.total_timesteps // batch_size}"
-        f" iterations of {batch_size} steps on {mesh.size} device(s)"
-    )
+    iterations = args.total_timesteps // batch_size
+    print(f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {iterations} iterations of "
+          f"{batch_size} steps on {mesh.size} device(s)")  # fmt: skip
     return update, evaluate, shapes
 
 
@@ -1388,8 +1389,6 @@ def main(args):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if (
-        args.resume is not None
-    ):  # the run's saved flags become the defaults: only the flags given again differ
+    if args.resume is not None:  # its saved flags become the defaults: only the flags given again differ
         args = tyro.cli(Args, default=replace(saved_args(args.resume), resume=args.resume))
     main(args)
