@@ -528,6 +528,17 @@ def ppo_update(args, network, train_state, data, key, mesh=None):
     return train_state, info
 
 
+def make_optimizer(args, num_iterations):
+    """Adam after global-norm clipping; with --anneal-lr the learning rate falls linearly to 0 over the run.
+    -> the optimizer, and a function: iteration -> the learning rate after it (for the logs)."""
+    updates_per_iteration = args.update_epochs * args.num_minibatches
+    # the schedule spans the run's --total-timesteps: resuming with a longer one stretches what is left of it
+    updates = num_iterations * updates_per_iteration
+    lr = optax.linear_schedule(args.learning_rate, 0.0, updates) if args.anneal_lr else args.learning_rate
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+    return tx, lambda iteration: lr(iteration * updates_per_iteration) if args.anneal_lr else lr
+
+
 def make_update_step(args, env, network, mesh=None):
     """The whole PPO iteration as one pure function of the runner state. With a device mesh, every minibatch is
     split over its devices: each computes the gradient of its share and XLA averages them (an all-reduce), so
@@ -1071,6 +1082,15 @@ def init_distributed():
         jax.distributed.initialize()
 
 
+def evaluate_and_record(args, evaluate, params, run, iteration, final=False):
+    """Evaluates every seed's params and records the video (--capture-video). The keys: evaluation i's after
+    iteration i; the final evaluation's (final=True) also for a loaded model, which so repeats its run's end."""
+    keys = seed_keys(args, FINAL_EVAL if final else 1000 * iteration)
+    results, video = jax.device_get(evaluate(params, keys))
+    run.record(video, iteration)
+    return results
+
+
 def evaluate_model(args):
     """--load-model: evaluate a saved model over all its seeds, no training, with the keys of the final
     evaluation of training: the same --seed gives the numbers its run ended with."""
@@ -1083,8 +1103,7 @@ def evaluate_model(args):
     args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
     evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
     run = Run(args, env)
-    results, video = jax.device_get(evaluate(params, seed_keys(args, FINAL_EVAL)))
-    run.record(video, 0)
+    results = evaluate_and_record(args, evaluate, params, run, 0, final=True)
     returns = results["eval/episodic_return"]
     print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
     run.finish(results, 0, 0)
@@ -1124,11 +1143,7 @@ def main(args):
     network = build_network(args, env)
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
-    updates_per_iteration = args.update_epochs * args.num_minibatches
-    # the schedule spans the run's --total-timesteps: resuming with a longer one stretches what is left of it
-    updates = num_iterations * updates_per_iteration
-    lr = optax.linear_schedule(args.learning_rate, 0.0, updates) if args.anneal_lr else args.learning_rate
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+    tx, learning_rate = make_optimizer(args, num_iterations)
     mesh = make_mesh(args)
     update, evaluate, shapes = compile_steps(args, env, network, tx, mesh)
 
@@ -1145,37 +1160,33 @@ def main(args):
             # the one host sync per iteration: the numbers we log, and whether the params are still finite
             metrics, params_ok = jax.device_get((metrics, params_finite(runners.train_state.params)))
             run.stop_if_diverged(iteration, metrics, params_ok)
-            global_step = iteration * batch_size
-            seconds = time.time() - start
-            sps = args.num_seeds * global_step / seconds
-            lr_now = lr(iteration * updates_per_iteration) if args.anneal_lr else lr
-            metrics["charts/learning_rate"] = np.full(args.num_seeds, lr_now)
-            line = f"iter {iteration}/{num_iterations} global_step={global_step} episodic_return={format_mean(metrics['charts/episodic_return'])}"
-            if args.eval_every and iteration % args.eval_every == 0 and iteration != num_iterations:
-                eval_keys = seed_keys(args, 1000 * iteration)
-                results, video = jax.device_get(evaluate(runners.train_state.params, eval_keys))
-                metrics.update(results)
-                run.record(video, iteration)
+            global_step, seconds = iteration * batch_size, time.time() - start
+            sps, last = args.num_seeds * global_step / seconds, iteration == num_iterations
+            metrics["charts/learning_rate"] = np.full(args.num_seeds, learning_rate(iteration))
+            line = f"iter {iteration}/{num_iterations} global_step={global_step}"
+            line += f" episodic_return={format_mean(metrics['charts/episodic_return'])}"
+            if args.eval_every and iteration % args.eval_every == 0 and not last:
+                params = runners.train_state.params
+                metrics.update(evaluate_and_record(args, evaluate, params, run, iteration))
                 line += f" eval/episodic_return={format_mean(metrics['eval/episodic_return'])}"
             print(f"{line} SPS={sps:.0f}", flush=True)
             run.log(iteration, global_step, metrics, sps, seconds)
-            if args.save_model and (
-                iteration % max(1, num_iterations // 10) == 0 or iteration == num_iterations
-            ):
+            if args.save_model and (iteration % max(1, num_iterations // 10) == 0 or last):
                 run.save_model(runners.train_state.params)
-            run.checkpoint_or_stop(runners, iteration, seconds, iteration == num_iterations, stop.signum)
-        results, video = jax.device_get(evaluate(runners.train_state.params, seed_keys(args, FINAL_EVAL)))
-        run.record(video, num_iterations)
+            run.checkpoint_or_stop(runners, iteration, seconds, last, stop.signum)
+        params = runners.train_state.params
+        results = evaluate_and_record(args, evaluate, params, run, num_iterations, final=True)
     except jax.errors.JaxRuntimeError as e:
         run.stop_if_out_of_memory(e)
     finally:
         stop.restore()
     summary = dict(global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
     run.finish(results, num_iterations, num_iterations * batch_size, **summary)
-    print(
-        f"trained: episodic_return={format_mean(metrics['charts/episodic_return'])} (sampled actions, last iteration), "
-        f"eval/episodic_return={format_mean(results['eval/episodic_return'])} ({'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed)"
-    )
+    trained = format_mean(metrics["charts/episodic_return"])
+    evaluated = format_mean(results["eval/episodic_return"])
+    how = f"{'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed"
+    print(f"trained: episodic_return={trained} (sampled actions, last iteration), "
+          f"eval/episodic_return={evaluated} ({how})")  # fmt: skip
     return results
 
 
