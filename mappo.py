@@ -672,7 +672,7 @@ def params_finite(params):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Command line, checkpoints, logging
+# Command line and saved state
 # ----------------------------------------------------------------------------------------------------------
 def fail(message):
     """Bad input: one line on stderr and exit code 2, before anything is compiled or written."""
@@ -812,6 +812,9 @@ def restore_runners(checkpoint, shapes):
     return jax.tree.unflatten(jax.tree.structure(shapes), placed)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The run: its folder and logs, checkpoints, ways to stop
+# ----------------------------------------------------------------------------------------------------------
 def memory_hint(args):
     """What to change when the update step does not fit in memory."""
     agents = args.num_agents or "the env default"
@@ -1067,6 +1070,9 @@ def format_mean(values):
     return "n/a" if np.all(np.isnan(values)) else f"{np.nanmean(values):.3f}"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Main: evaluate a saved model, or train
+# ----------------------------------------------------------------------------------------------------------
 def init_distributed():
     """Multi-host: with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, which
     JAX reads itself), join the other processes; jax.devices() then lists every host's devices."""
