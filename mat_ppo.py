@@ -1013,20 +1013,18 @@ class StopSignal:
 
     def __init__(self):
         self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
         if self.signum:
             self.restore()
             signal.raise_signal(signum)
-        self.signum = signum
-        print(
-            f"{signal.Signals(signum).name}: stopping after this iteration (again: at once)", file=sys.stderr
-        )
+        self.signum, name = signum, signal.Signals(signum).name
+        print(f"{name}: stopping after this iteration (again: at once)", file=sys.stderr)
 
     def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class Run:
