@@ -889,13 +889,13 @@ def read_checkpoint(args):
         fail(f"--load-model: no such model file {model_path}")
     try:
         with open(args_path) as f:
-            saved_args = json.load(f)
+            saved = json.load(f)  # the saved run's flags
         with open(model_path, "rb") as f:
             state = flax.serialization.msgpack_restore(f.read())
     except Exception as e:  # any unreadable file: say which, no traceback
         fail(f"--load-model: cannot read {model_path} / {args_path}: {type(e).__name__}: {e}")
     try:
-        args = replace(args, **{k: saved_args[k] for k in ("env_id", "num_agents", *NETWORK_ARGS)})
+        args = replace(args, **{k: saved[k] for k in ("env_id", "num_agents", *NETWORK_ARGS)})
     except (KeyError, TypeError) as e:
         fail(f"--load-model: args.json lacks {e}")
     check_args(args)  # again: the saved env and network replaced the flags'
@@ -939,9 +939,7 @@ def read_resume(args):
     """--resume RUN_DIR: the run's flags must be the saved ones, but for RESUME_MAY_CHANGE; a longer
     --total-timesteps extends the run. -> args, the checkpoint (iteration, seconds, the runner's leaves)."""
     saved = saved_args(args.resume)
-    changed = [
-        f for f in asdict(args) if f not in RESUME_MAY_CHANGE and getattr(args, f) != getattr(saved, f)
-    ]
+    changed = [f for f in vars(args) if f not in RESUME_MAY_CHANGE and getattr(args, f) != getattr(saved, f)]
     given = [f"--{f.replace('_', '-')} {getattr(args, f)} (run: {getattr(saved, f)})" for f in changed]
     if changed:
         fail(f"--resume: these flags would change what the run computes: {', '.join(given)}")
