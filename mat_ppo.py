@@ -387,10 +387,9 @@ class Attention(nn.Module):
     cfg: TransformerConfig
 
     def setup(self):
-        assert self.cfg.n_embd % self.cfg.n_head == 0, "n_embd must be a multiple of n_head"
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = [
-            dense(self.cfg.n_embd, 0.01) for _ in range(4)
-        ]
+        D = self.cfg.n_embd
+        assert D % self.cfg.n_head == 0, "n_embd must be a multiple of n_head"
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = [dense(D, 0.01) for _ in range(4)]
 
     def kv(self, x):  # (B, L, D) -> keys, values (B, L, D); split out so decoding can cache them
         return self.k_proj(x), self.v_proj(x)
@@ -541,9 +540,8 @@ def build_network(args, env):  # args: the flags, or a saved model's
     return MultiAgentTransformer(env.action_dim, cfg)
 
 
-NETWORK_ARGS = (
-    TransformerConfig._fields
-)  # the Args fields that shape the network: a saved model brings its own
+# the Args fields that shape the network: a saved model brings its own
+NETWORK_ARGS = TransformerConfig._fields
 
 
 # ----------------------------------------------------------------------------------------------------------
