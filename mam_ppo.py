@@ -769,9 +769,9 @@ def make_update_step(args, env, network, mesh=None):
 
 
 def make_evaluate(args, env, network):
-    """Greedy (or sampled) actions in args.eval_episodes fresh envs, side by side until each ends an episode.
-    -> the episodes' mean metrics, and with --capture-video env 0's states (time_limit + 1, ...) and its
-    episode length (Run.record draws them), else None."""
+    """One episode in each of args.eval_episodes fresh envs, side by side, with sampled actions (--eval-greedy:
+    argmax). -> the episodes' mean metrics, and with --capture-video env 0's states (time_limit + 1, ...) and
+    its episode length (Run.record draws them), else None."""
 
     def evaluate(params, key):
         reset_key, act_key = jax.random.split(key)
