@@ -1240,8 +1240,9 @@ def init_distributed():
 
 
 def evaluate_and_record(args, evaluate, params, run, iteration, final=False):
-    """Evaluates every seed's params and records the video (--capture-video). The keys: evaluation i's after
-    iteration i; the final evaluation's (final=True) also for a loaded model, which so repeats its run's end."""
+    """Evaluates every seed's params, and records a video with --capture-video. Every evaluation has keys of its
+    own (seed_keys): the one after iteration i, or the final one (final=True), which a loaded model uses too, so
+    that it repeats the final evaluation of its run."""
     keys = seed_keys(args, FINAL_EVAL if final else 1000 * iteration)
     results, video = jax.device_get(evaluate(params, keys))
     run.record(video, iteration)
