@@ -278,10 +278,9 @@ class Env(NamedTuple):
 
     def animate(self, states, path):
         """Host side: draws an episode (a list of unbatched states) into a GIF with the env's own renderer."""
-        if (
-            self.family == "smax"
-        ):  # JaxMARL's drawing of one SMAX state, once per env step (its visualiser also
-            # re-simulates and draws the 8 world ticks between steps, eagerly: minutes an episode)
+        if self.family == "smax":
+            # JaxMARL's drawing of one SMAX state, once per env step (its visualiser also re-simulates and draws
+            # the 8 world ticks between steps, eagerly: minutes an episode)
             import matplotlib.pyplot as plt
             from matplotlib.animation import FuncAnimation
 
@@ -294,9 +293,8 @@ class Env(NamedTuple):
             animation = FuncAnimation(fig, draw, frames=len(states), interval=100)
         else:
             animation = self.env.animate(states, interval=100)  # 10 frames per second
-        animation.save(
-            path, writer="pillow", dpi=50 if self.family == "smax" else 30
-        )  # 300 px wide: matplotlib's time grows with the pixels
+        # 300 px wide: matplotlib's time grows with the pixels
+        animation.save(path, writer="pillow", dpi=50 if self.family == "smax" else 30)
 
 
 def make_env(env_id, num_agents=None):
@@ -327,9 +325,9 @@ def make_env(env_id, num_agents=None):
         "connector": (Connector, RandomWalkGenerator),
     }[family]
     env = env_class(generator=generator(**kw), time_limit=time_limit)
-    n, a = env.action_spec.shape[0], int(env.action_spec.num_values[0])
+    num_agents, action_dim = env.action_spec.shape[0], int(env.action_spec.num_values[0])
     obs_dim = 6 * kw["grid_size"] ** 2 if family == "connector" else env.observation_spec.agents_view.shape[1]
-    return Env(env, family, n, obs_dim, a, time_limit)
+    return Env(env, family, num_agents, obs_dim, action_dim, time_limit)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -530,6 +528,17 @@ def ppo_update(args, network, train_state, data, key, mesh=None):
     return train_state, info
 
 
+def make_optimizer(args, num_iterations):
+    """Adam after global-norm clipping; with --anneal-lr the learning rate falls linearly to 0 over the run.
+    -> the optimizer, and a function: iteration -> the learning rate after it (for the logs)."""
+    updates_per_iteration = args.update_epochs * args.num_minibatches
+    # the schedule spans the run's --total-timesteps: resuming with a longer one stretches what is left of it
+    updates = num_iterations * updates_per_iteration
+    lr = optax.linear_schedule(args.learning_rate, 0.0, updates) if args.anneal_lr else args.learning_rate
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+    return tx, lambda iteration: lr(iteration * updates_per_iteration) if args.anneal_lr else lr
+
+
 def make_update_step(args, env, network, mesh=None):
     """The whole PPO iteration as one pure function of the runner state. With a device mesh, every minibatch is
     split over its devices: each computes the gradient of its share and XLA averages them (an all-reduce), so
@@ -552,9 +561,9 @@ def make_update_step(args, env, network, mesh=None):
 
 
 def make_evaluate(args, env, network):
-    """Greedy (or sampled) actions in args.eval_episodes fresh envs, side by side until each ends an episode.
-    -> the episodes' mean metrics, and with --capture-video env 0's states (time_limit + 1, ...) and its
-    episode length (Run.record draws them), else None."""
+    """One episode in each of args.eval_episodes fresh envs, side by side, with sampled actions (--eval-greedy:
+    argmax). -> the episodes' mean metrics, and with --capture-video env 0's states (time_limit + 1, ...) and
+    its episode length (Run.record draws them), else None."""
 
     def evaluate(params, key):
         reset_key, act_key = jax.random.split(key)
@@ -663,7 +672,7 @@ def params_finite(params):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Command line, checkpoints, logging
+# Command line and saved state
 # ----------------------------------------------------------------------------------------------------------
 def fail(message):
     """Bad input: one line on stderr and exit code 2, before anything is compiled or written."""
@@ -723,13 +732,13 @@ def read_checkpoint(args):
         fail(f"--load-model: no such model file {model_path}")
     try:
         with open(args_path) as f:
-            saved_args = json.load(f)
+            saved = json.load(f)  # the saved run's flags
         with open(model_path, "rb") as f:
             state = flax.serialization.msgpack_restore(f.read())
     except Exception as e:  # any unreadable file: say which, no traceback
         fail(f"--load-model: cannot read {model_path} / {args_path}: {type(e).__name__}: {e}")
     try:
-        args = replace(args, **{k: saved_args[k] for k in ("env_id", "num_agents", *NETWORK_ARGS)})
+        args = replace(args, **{k: saved[k] for k in ("env_id", "num_agents", *NETWORK_ARGS)})
     except (KeyError, TypeError) as e:
         fail(f"--load-model: args.json lacks {e}")
     check_args(args)  # again: the saved env and network replaced the flags'
@@ -773,9 +782,7 @@ def read_resume(args):
     """--resume RUN_DIR: the run's flags must be the saved ones, but for RESUME_MAY_CHANGE; a longer
     --total-timesteps extends the run. -> args, the checkpoint (iteration, seconds, the runner's leaves)."""
     saved = saved_args(args.resume)
-    changed = [
-        f for f in asdict(args) if f not in RESUME_MAY_CHANGE and getattr(args, f) != getattr(saved, f)
-    ]
+    changed = [f for f in vars(args) if f not in RESUME_MAY_CHANGE and getattr(args, f) != getattr(saved, f)]
     given = [f"--{f.replace('_', '-')} {getattr(args, f)} (run: {getattr(saved, f)})" for f in changed]
     if changed:
         fail(f"--resume: these flags would change what the run computes: {', '.join(given)}")
@@ -803,9 +810,14 @@ def restore_runners(checkpoint, shapes):
     return jax.tree.unflatten(jax.tree.structure(shapes), placed)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The run: its folder and logs, checkpoints, ways to stop
+# ----------------------------------------------------------------------------------------------------------
 def memory_hint(args):
-    return (f"lower --num-envs ({args.num_envs}), --num-steps ({args.num_steps}) or --num-agents "
-            f"({args.num_agents or 'the env default'}), or raise --num-minibatches ({args.num_minibatches})")  # fmt: skip
+    """What to change when the update step does not fit in memory."""
+    agents = args.num_agents or "the env default"
+    return (f"lower --num-envs ({args.num_envs}), --num-steps ({args.num_steps}) or --num-agents ({agents}), "
+            f"or raise --num-minibatches ({args.num_minibatches})")  # fmt: skip
 
 
 def check_memory(compiled, mesh, args):
@@ -842,20 +854,18 @@ class StopSignal:
 
     def __init__(self):
         self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
         if self.signum:
             self.restore()
             signal.raise_signal(signum)
-        self.signum = signum
-        print(
-            f"{signal.Signals(signum).name}: stopping after this iteration (again: at once)", file=sys.stderr
-        )
+        self.signum, name = signum, signal.Signals(signum).name
+        print(f"{name}: stopping after this iteration (again: at once)", file=sys.stderr)
 
     def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class Run:
@@ -864,9 +874,9 @@ class Run:
     stopped.json for one that stopped early (interrupted, diverged, out of memory); with --track, wandb."""
 
     COLUMNS = ["iteration", "seed", "global_step", "charts/episodic_return", "charts/episodic_length",
-               "charts/success", "charts/episodes", "charts/learning_rate", "losses/value_loss", "losses/policy_loss",
-               "losses/entropy", "losses/approx_kl", "losses/clipfrac", "eval/episodic_return",
-               "eval/episodic_length", "eval/success"]  # fmt: skip
+               "charts/success", "charts/episodes", "charts/learning_rate", "losses/value_loss",
+               "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
+               "eval/episodic_return", "eval/episodic_length", "eval/success"]  # fmt: skip
 
     def __init__(self, args, env, checkpoint=None):
         default_kwargs, env_kwargs = ENVS[args.env_id][1], env_config(args.env_id, args.num_agents)[1]
@@ -901,8 +911,9 @@ class Run:
             if not os.environ.get("WANDB_MODE") and not wandb.api.api_key:
                 print("wandb: no login found, logging offline (sync later with `wandb sync`)")
                 os.environ["WANDB_MODE"] = "offline"
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                                    name=run_name, id=run_name, resume="allow", dir=self.dir, save_code=True)  # fmt: skip
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
+                                    config=asdict(args), name=run_name, id=run_name, resume="allow",
+                                    dir=self.dir, save_code=True)  # fmt: skip
         sizes = f"{env.num_agents} agents, obs {env.obs_dim}, actions {env.action_dim}"
         resumed = f", resumed after iteration {self.checkpoint_iteration}" if checkpoint else ""
         print(f"run: {self.dir}  env: {args.env_id} ({sizes}){resumed}")
@@ -932,8 +943,8 @@ class Run:
         if self.wandb is not None:
             data = {name: float(np.nanmean(v)) for name, v in metrics.items()}
             if self.args.num_seeds > 1:
-                for n, v in metrics.items():
-                    data.update({f"seed{self.args.seed + k}/{n}": float(v[k]) for k in range(len(v))})
+                for name, v in metrics.items():
+                    data.update({f"seed{self.args.seed + k}/{name}": float(v[k]) for k in range(len(v))})
             if sps is not None:
                 data["charts/SPS"] = sps
             # the GIFs whose drawing has finished, as one list (there can be two when drawing is slow)
@@ -942,8 +953,9 @@ class Run:
             if done:
                 import wandb
 
-                name = os.path.basename
-                data["videos/eval"] = [wandb.Video(p, caption=name(p), format="gif") for p in done]
+                data["videos/eval"] = [
+                    wandb.Video(gif, caption=os.path.basename(gif), format="gif") for gif in done
+                ]
                 self.unlogged_videos = self.unlogged_videos[len(done) :]
             self.wandb.log(data, step=global_step)
 
@@ -1004,8 +1016,8 @@ class Run:
         for name, ok in {**checks, "params": params_ok}.items():
             if not np.all(ok):
                 seed = self.args.seed + int(np.argmin(ok))
-                it = self.checkpoint_iteration
-                kept = f"kept the checkpoint of iteration {it}" if it else "no checkpoint was written"
+                last = self.checkpoint_iteration
+                kept = f"kept the checkpoint of iteration {last}" if last else "no checkpoint was written"
                 message = f"error: diverged at iteration {iteration}: {name} of seed {seed} is not finite"
                 self.stop(1, f"{message}; {kept}", reason="diverged")
 
@@ -1054,6 +1066,9 @@ def format_mean(values):
     return "n/a" if np.all(np.isnan(values)) else f"{np.nanmean(values):.3f}"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Main: evaluate a saved model, or train
+# ----------------------------------------------------------------------------------------------------------
 def init_distributed():
     """Multi-host: with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, which
     JAX reads itself), join the other processes; jax.devices() then lists every host's devices."""
@@ -1069,6 +1084,16 @@ def init_distributed():
         jax.distributed.initialize()
 
 
+def evaluate_and_record(args, evaluate, params, run, iteration, final=False):
+    """Evaluates every seed's params, and records a video with --capture-video. Every evaluation has keys of its
+    own (seed_keys): the one after iteration i, or the final one (final=True), which a loaded model uses too, so
+    that it repeats the final evaluation of its run."""
+    keys = seed_keys(args, FINAL_EVAL if final else 1000 * iteration)
+    results, video = jax.device_get(evaluate(params, keys))
+    run.record(video, iteration)
+    return results
+
+
 def evaluate_model(args):
     """--load-model: evaluate a saved model over all its seeds, no training, with the keys of the final
     evaluation of training: the same --seed gives the numbers its run ended with."""
@@ -1081,8 +1106,7 @@ def evaluate_model(args):
     args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
     evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
     run = Run(args, env)
-    results, video = jax.device_get(evaluate(params, seed_keys(args, FINAL_EVAL)))
-    run.record(video, 0)
+    results = evaluate_and_record(args, evaluate, params, run, 0, final=True)
     returns = results["eval/episodic_return"]
     print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
     run.finish(results, 0, 0)
@@ -1102,10 +1126,9 @@ def compile_steps(args, env, network, tx, mesh):
     evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
     evaluate = evaluate.lower(shapes.train_state.params, seed_keys(args)).compile()
     batch_size = args.num_envs * args.num_steps
-    print(
-        f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {args.total_timesteps // batch_size}"
-        f" iterations of {batch_size} steps on {mesh.size} device(s)"
-    )
+    iterations = args.total_timesteps // batch_size
+    print(f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {iterations} iterations of "
+          f"{batch_size} steps on {mesh.size} device(s)")  # fmt: skip
     return update, evaluate, shapes
 
 
@@ -1123,11 +1146,7 @@ def main(args):
     network = build_network(args, env)
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
-    updates_per_iteration = args.update_epochs * args.num_minibatches
-    # the schedule spans the run's --total-timesteps: resuming with a longer one stretches what is left of it
-    updates = num_iterations * updates_per_iteration
-    lr = optax.linear_schedule(args.learning_rate, 0.0, updates) if args.anneal_lr else args.learning_rate
-    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+    tx, learning_rate = make_optimizer(args, num_iterations)
     mesh = make_mesh(args)
     update, evaluate, shapes = compile_steps(args, env, network, tx, mesh)
 
@@ -1144,44 +1163,38 @@ def main(args):
             # the one host sync per iteration: the numbers we log, and whether the params are still finite
             metrics, params_ok = jax.device_get((metrics, params_finite(runners.train_state.params)))
             run.stop_if_diverged(iteration, metrics, params_ok)
-            global_step = iteration * batch_size
-            seconds = time.time() - start
-            sps = args.num_seeds * global_step / seconds
-            lr_now = lr(iteration * updates_per_iteration) if args.anneal_lr else lr
-            metrics["charts/learning_rate"] = np.full(args.num_seeds, lr_now)
-            line = f"iter {iteration}/{num_iterations} global_step={global_step} episodic_return={format_mean(metrics['charts/episodic_return'])}"
-            if args.eval_every and iteration % args.eval_every == 0 and iteration != num_iterations:
-                eval_keys = seed_keys(args, 1000 * iteration)
-                results, video = jax.device_get(evaluate(runners.train_state.params, eval_keys))
-                metrics.update(results)
-                run.record(video, iteration)
+            global_step, seconds = iteration * batch_size, time.time() - start
+            sps, last = args.num_seeds * global_step / seconds, iteration == num_iterations
+            metrics["charts/learning_rate"] = np.full(args.num_seeds, learning_rate(iteration))
+            line = f"iter {iteration}/{num_iterations} global_step={global_step}"
+            line += f" episodic_return={format_mean(metrics['charts/episodic_return'])}"
+            if args.eval_every and iteration % args.eval_every == 0 and not last:
+                params = runners.train_state.params
+                metrics.update(evaluate_and_record(args, evaluate, params, run, iteration))
                 line += f" eval/episodic_return={format_mean(metrics['eval/episodic_return'])}"
             print(f"{line} SPS={sps:.0f}", flush=True)
             run.log(iteration, global_step, metrics, sps, seconds)
-            if args.save_model and (
-                iteration % max(1, num_iterations // 10) == 0 or iteration == num_iterations
-            ):
+            if args.save_model and (iteration % max(1, num_iterations // 10) == 0 or last):
                 run.save_model(runners.train_state.params)
-            run.checkpoint_or_stop(runners, iteration, seconds, iteration == num_iterations, stop.signum)
-        results, video = jax.device_get(evaluate(runners.train_state.params, seed_keys(args, FINAL_EVAL)))
-        run.record(video, num_iterations)
+            run.checkpoint_or_stop(runners, iteration, seconds, last, stop.signum)
+        params = runners.train_state.params
+        results = evaluate_and_record(args, evaluate, params, run, num_iterations, final=True)
     except jax.errors.JaxRuntimeError as e:
         run.stop_if_out_of_memory(e)
     finally:
         stop.restore()
     summary = dict(global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
     run.finish(results, num_iterations, num_iterations * batch_size, **summary)
-    print(
-        f"trained: episodic_return={format_mean(metrics['charts/episodic_return'])} (sampled actions, last iteration), "
-        f"eval/episodic_return={format_mean(results['eval/episodic_return'])} ({'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed)"
-    )
+    trained = format_mean(metrics["charts/episodic_return"])
+    evaluated = format_mean(results["eval/episodic_return"])
+    how = f"{'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed"
+    print(f"trained: episodic_return={trained} (sampled actions, last iteration), "
+          f"eval/episodic_return={evaluated} ({how})")  # fmt: skip
     return results
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if (
-        args.resume is not None
-    ):  # the run's saved flags become the defaults: only the flags given again differ
+    if args.resume is not None:  # its saved flags become the defaults: only the flags given again differ
         args = tyro.cli(Args, default=replace(saved_args(args.resume), resume=args.resume))
     main(args)
