@@ -5,8 +5,9 @@ own defaults, sampled evaluation included) on each task of TASKS, one run after 
 one process (--num-seeds), exp name `learning_{algo}`; each run's output also goes to
 {runs-dir}/learning_logs/. A task's budget is the same for the three algorithms, in env steps per seed or in
 wall-clock seconds. A seconds budget becomes env steps per algorithm: a short calibration run (8 iterations,
-no evaluation) measures the algorithm's SPS, and the run gets SPS x seconds steps, so that its learning rate
-anneals over its own budget (learning_calibration.csv keeps the numbers). Such runs evaluate only at the end.
+no evaluation) measures the algorithm's steps per second and seed, and the run gets that times the seconds, so
+that its learning rate anneals over its own budget (learning_calibration.csv keeps the numbers). By default
+such runs evaluate only at the end.
 
 Runs survive sessions: stop the study with Ctrl-C, or `kill -INT -- -PGID` on its process group; the running
 script finishes its iteration, checkpoints and exits, and the next call with the same flags resumes it
@@ -149,14 +150,17 @@ def command(opts, algo, flags):
     return [sys.executable, os.path.join(ROOT, SCRIPTS[algo]), *(str(x) for kv in flags.items() for x in kv)]
 
 
-def calibrate(opts, env_id, algo, seconds, num_seeds):
-    """Env steps per seed that fill `seconds` for this algorithm: its SPS after compiling, times seconds."""
+def steps_per_second(opts, env_id, algo, num_seeds, measure=False):
+    """Env steps per second and seed of (task, algo) after compiling, from learning_calibration.csv; missing
+    with measure=True: measured now by a calibration run of CALIBRATION_ITERATIONS iterations. -> float or None."""
     path = os.path.join(opts.out_dir, "learning_calibration.csv")
     rows = read_csv(path)
     key = dict(env_id=env_id, algo=algo, num_seeds=str(num_seeds))
     for row in rows:
         if all(row[k] == v for k, v in key.items()):
-            return int(float(row["SPS"]) * seconds) // opts.batch[algo] * opts.batch[algo]
+            return float(row["steps_per_second_per_seed"])
+    if not measure:
+        return None
     flags = {"--env-id": env_id, "--total-timesteps": CALIBRATION_ITERATIONS * opts.batch[algo],
              "--num-seeds": num_seeds, "--exp-name": f"calibrate_{algo}", "--eval-every": 0,
              "--eval-episodes": 1, "--checkpoint-every": 0}  # fmt: skip
@@ -166,25 +170,22 @@ def calibrate(opts, env_id, algo, seconds, num_seeds):
         return None
     timing = read_csv(os.path.join(run_dir, "timing.csv"))
     first, last = timing[0], timing[-1]  # the first iteration pays the compile: measure from its end
-    sps = (int(last["global_step"]) - int(first["global_step"])) / (
-        float(last["seconds"]) - float(first["seconds"])
-    )
-    rows.append(dict(key, SPS=round(sps, 1), iterations=len(timing), run_dir=os.path.relpath(run_dir, ROOT)))
+    steps = int(last["global_step"]) - int(first["global_step"])  # per seed
+    rate = steps / (float(last["seconds"]) - float(first["seconds"]))
+    rows.append(dict(key, steps_per_second_per_seed=round(rate, 1), iterations=len(timing),
+                     run_dir=os.path.relpath(run_dir, ROOT)))  # fmt: skip
     write_csv(path, rows)
-    return int(sps * seconds) // opts.batch[algo] * opts.batch[algo]
+    return rate
 
 
-def budget_steps(opts, env_id, algo, calibrate_missing=False):
-    """Env steps per seed of (task, algo): the step budget, or the calibrated steps of a seconds budget."""
+def budget_steps(opts, env_id, algo, measure=False):
+    """Env steps per seed of (task, algo): the step budget, or the steps that fill a seconds budget (None when
+    that algorithm's speed is not known)."""
     budget, unit, seeds = opts.tasks[env_id]
     if unit == "steps":
         return budget
-    if calibrate_missing:
-        return calibrate(opts, env_id, algo, budget, seeds)
-    for row in read_csv(os.path.join(opts.out_dir, "learning_calibration.csv")):
-        if (row["env_id"], row["algo"], row["num_seeds"]) == (env_id, algo, str(seeds)):
-            return int(float(row["SPS"]) * budget) // opts.batch[algo] * opts.batch[algo]
-    return None
+    rate = steps_per_second(opts, env_id, algo, seeds, measure)
+    return None if rate is None else int(rate * budget) // opts.batch[algo] * opts.batch[algo]
 
 
 def run_all(opts):
@@ -194,9 +195,9 @@ def run_all(opts):
     for env_id in opts.env_ids:
         budget, unit, seeds = opts.tasks[env_id]
         for algo in opts.algos:
-            steps = budget_steps(opts, env_id, algo, calibrate_missing=True) if not STOP else None
             if STOP:
                 return failed
+            steps = budget_steps(opts, env_id, algo, measure=True)
             if steps is None:
                 failed.append(f"{env_id}/{algo} (calibration)")
                 continue
@@ -213,8 +214,9 @@ def run_all(opts):
                 ]
                 code, _ = launch(opts, cmd, log, append=True)
             else:
-                every = 0 if unit == "seconds" else opts.eval_every
-                every = max(1, steps // opts.batch[algo] // 10) if every is None else every
+                every = opts.eval_every  # default: ~10 evaluations, none during a wall-clock budget
+                if every is None:
+                    every = 0 if unit == "seconds" else max(1, steps // opts.batch[algo] // 10)
                 flags = {
                     "--env-id": env_id,
                     "--total-timesteps": steps,
@@ -446,7 +448,12 @@ def parse(argv=None):
         help="budget per seed: N env steps or Ns wall-clock seconds (needed outside TASKS)")  # fmt: skip
     add("--num-seeds", type=int, default=None, help="seeds per run (default: the task's, 3 or 2)")
     add("--seed", type=int, default=1)
-    add("--eval-every", type=int, default=None, help="in iterations (0: only at the end; default: ~10 evals)")
+    add(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="in iterations (0: only at the end; default: ~10 evals, 0 for Ns)",
+    )
     add("--eval-episodes", type=int, default=32)
     add("--smooth", type=int, default=1, help="moving average over K iterations per seed (1: none)")
     add("--force", action="store_true", help="train again even when a complete run exists")
