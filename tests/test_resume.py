@@ -116,7 +116,7 @@ def test_resume_refuses_other_flags_and_extends(run_script, tmp_path):
     rows = read_metrics(tmp_path / run_dir)
     assert [int(r["iteration"]) for r in rows] == [1, 2, 2, 3, 4, 4]  # 2 and 4: final evaluations
     # the schedule spans the new total: after 3 of 4 iterations, a quarter of the learning rate is left
-    assert float(rows[3]["charts/learning_rate"]) == pytest.approx(2.5e-4 / 4)
+    assert float(rows[3]["charts/learning_rate"]) == pytest.approx(5e-4 / 4)
     assert json.loads((tmp_path / run_dir / "args.json").read_text())["total_timesteps"] == 128
 
 
