@@ -64,6 +64,8 @@ import mat_ppo  # noqa: E402
 # method -> (script module, Args overrides on top of the script's defaults)
 METHODS = {
     "mam": (mam_ppo, {}),
+    # the associative scan: slower on a CPU (the README's scan table), the natural choice on a GPU
+    "mam-parallel": (mam_ppo, {"scan_mode": "parallel"}),
     "mat-cache": (mat_ppo, {"decode": "cache"}),
     "mat-recompute": (mat_ppo, {"decode": "recompute"}),
     "mappo": (mappo, {}),

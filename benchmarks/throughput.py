@@ -135,7 +135,8 @@ def main():
     # the allocator changes CPU timings: tcmalloc when preloaded (the README's opt-in), else glibc's
     malloc = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
     machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})"
     )
     machine += f", {malloc}"
     print(f"machine: {machine}; jax {jax.__version__}; {opts.num_envs} envs; {opts.iterations} iterations")
