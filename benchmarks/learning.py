@@ -364,7 +364,8 @@ def report(opts):
     algos = [a for a in SCRIPTS if a in opts.algos]
     rows, pairs, tasks = aggregate(finals, algos)
     if rows:
-        write_csv(out("learning_aggregate.csv"), rows + pairs)
+        fields = ["algo", "over", "metric", "value", "ci_low", "ci_high", "tasks", "runs_per_task"]
+        write_csv(out("learning_aggregate.csv"), rows + pairs, fields)  # "over": only the pairs have it
     print_tables(opts, finals, rows, pairs, tasks, algos)
     draw(opts, plot, rows, algos)
 
