@@ -19,8 +19,8 @@ newest complete one, else the newest one in progress, whose curve is drawn but w
 writes to --out-dir:
   learning_runs.csv       which run folder is which (task, algo), its budget, steps done, seconds, status.
   learning_curves.csv     per (task, algo, global_step): the training return (sampled actions) of each
-                          iteration, mean over seeds with a 95% bootstrap CI (seeds resampled, 10000
-                          resamples, percentile interval), and the run's wall-clock seconds at that point.
+                          iteration, mean over seeds with a 95% bootstrap CI (seeds resampled,
+                          --bootstrap-reps times, percentile interval), and the run's wall-clock seconds.
                           An iteration in which no episode ended carries forward the seed's last value;
                           --smooth K averages each seed's last K iterations.
   learning_final.csv      per (task, algo): the final evaluation (32 episodes per seed, sampled actions) as
@@ -266,7 +266,7 @@ def seed_matrix(seeds, smooth):
     return steps, values, np.stack(windows, axis=1)
 
 
-def bootstrap(values, seed=0, n_boot=10000):
+def bootstrap(values, n_boot, seed=0):
     """values (n_seeds, T), NaN = missing: mean over seeds, 95% percentile CI (resampled seeds), count."""
     n = values.shape[0]
     counts, picks = np.zeros((n_boot, n)), np.random.default_rng(seed).integers(0, n, (n_boot, n))
@@ -279,7 +279,7 @@ def bootstrap(values, seed=0, n_boot=10000):
         return np.nanmean(values, axis=0), low, high, finite.sum(0)
 
 
-def aggregate(finals, algos):
+def aggregate(finals, algos, reps):
     """rliable's aggregate of the min-max normalised final returns of the tasks every algorithm completed."""
     done = finals_by(finals)
     tasks = [t for t in dict.fromkeys(f["env_id"] for f in finals) if all((t, a) in done for a in algos)]
@@ -300,12 +300,12 @@ def aggregate(finals, algos):
         for a in algos:  # a task where every run scored the same normalises to 0
             matrices[a][:, j] = (scores[t, a][:runs] - low) / (high - low) if high > low else 0.0
     iqm_mean = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
-    point, ci = rly.get_interval_estimates(matrices, iqm_mean, reps=10000)
+    point, ci = rly.get_interval_estimates(matrices, iqm_mean, reps=reps)
     rows = [dict(algo=a, metric=m, value=r4(point[a][i]), ci_low=r4(ci[a][0][i]), ci_high=r4(ci[a][1][i]),
                  tasks=len(tasks), runs_per_task=runs)
             for a in algos for i, m in enumerate(["IQM", "mean"])]  # fmt: skip
     pairs = {f"{x},{y}": (matrices[x], matrices[y]) for i, x in enumerate(algos) for y in algos[i + 1 :]}
-    point, ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=10000)
+    point, ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps)
     pair_rows = [dict(algo=k.split(",")[0], over=k.split(",")[1], metric="P(algo > over)", value=r4(point[k]),
                       ci_low=r4(ci[k][0][0]), ci_high=r4(ci[k][1][0]), tasks=len(tasks), runs_per_task=runs)
                  for k in pairs]  # fmt: skip
@@ -331,7 +331,7 @@ def report(opts):
             if not per_seed:
                 continue
             x, raw, smoothed = seed_matrix(per_seed, opts.smooth)
-            mean, low, high, n = bootstrap(smoothed)
+            mean, low, high, n = bootstrap(smoothed, opts.bootstrap_reps)
             secs = np.array([seconds.get(int(s), np.nan) for s in x])
             curves += [dict(env_id=env_id, algo=algo, global_step=int(s), seconds=round(float(t), 1),
                             episodic_return=r4(m), ci_low=r4(lo), ci_high=r4(hi), n_seeds=int(k))
@@ -344,7 +344,7 @@ def report(opts):
             if not complete:
                 continue
             final = np.array(summary["eval/episodic_return"], dtype=float)
-            fm, flo, fhi, _ = bootstrap(final[:, None])
+            fm, flo, fhi, _ = bootstrap(final[:, None], opts.bootstrap_reps)
             finals.append(dict(env_id=env_id, algo=algo, eval_return=r4(fm[0]), ci_low=r4(flo[0]),
                                ci_high=r4(fhi[0]), eval_per_seed=";".join(f"{v:g}" for v in final),
                                n_seeds=len(final), train_return_last=r4(np.nanmean(raw[:, -1])),
@@ -362,7 +362,7 @@ def report(opts):
             out("learning_final.csv"), [{k: v for k, v in f.items() if k != "per_seed"} for f in finals]
         )
     algos = [a for a in SCRIPTS if a in opts.algos]
-    rows, pairs, tasks = aggregate(finals, algos)
+    rows, pairs, tasks = aggregate(finals, algos, opts.bootstrap_reps)
     if rows:
         fields = ["algo", "over", "metric", "value", "ci_low", "ci_high", "tasks", "runs_per_task"]
         write_csv(out("learning_aggregate.csv"), rows + pairs, fields)  # "over": only the pairs have it
@@ -456,6 +456,7 @@ def parse(argv=None):
         help="in iterations (0: only at the end; default: ~10 evals, 0 for Ns)",
     )
     add("--eval-episodes", type=int, default=32)
+    add("--bootstrap-reps", type=int, default=10000, help="resamples of every bootstrap CI")
     add("--smooth", type=int, default=1, help="moving average over K iterations per seed (1: none)")
     add("--force", action="store_true", help="train again even when a complete run exists")
     add("--report-only", action="store_true", help="no training: report the runs found")
@@ -469,7 +470,8 @@ def parse(argv=None):
         fail(f"unknown algo {' '.join(bad)} (choose from {', '.join(SCRIPTS)})")
     if bad := [e for e in opts.env_ids if e not in script_defaults("mappo.py")[1]]:
         fail(f"unknown env id {' '.join(bad)} (see the table in README.md)")
-    if bad := [n for n in ("num_seeds", "eval_episodes", "smooth") if (getattr(opts, n) or 1) < 1]:
+    positive = ("num_seeds", "eval_episodes", "smooth", "bootstrap_reps")  # num_seeds None: the task's
+    if bad := [n for n in positive if getattr(opts, n) is not None and getattr(opts, n) < 1]:
         fail(f"--{bad[0].replace('_', '-')} must be positive (got {getattr(opts, bad[0])})")
     if (opts.eval_every or 0) < 0:
         fail(f"--eval-every must be 0 (only at the end) or more (got {opts.eval_every})")

@@ -1,0 +1,128 @@
+"""benchmarks/learning.py's report on synthetic run folders: which run it picks, the per-task finals, the curves,
+and (where rliable is installed: benchmarks/requirements.txt) the aggregate checked against a hand computation.
+No training: the runs are written here in the scripts' format (args.json, metrics.csv, timing.csv, summary.json)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+# (env_id, algo) -> final eval return per seed; None: a run still in progress (a checkpoint, no summary)
+FINALS = {
+    ("rware-tiny-2ag", "mam"): [4.0, 6.0, 8.0],
+    ("rware-tiny-2ag", "mat"): [2.0, 4.0, 6.0],
+    ("rware-tiny-2ag", "mappo"): [0.0, 2.0, 2.0],
+    ("lbf-8x8-2p-2f-coop", "mam"): [0.5, 0.5, 1.0],
+    ("lbf-8x8-2p-2f-coop", "mat"): [1.0, 1.0, 1.0],
+    ("lbf-8x8-2p-2f-coop", "mappo"): [0.0, 0.5, 1.0],
+    ("con-5x5x3a", "mam"): [0.9, 0.8, 0.7],
+    ("con-5x5x3a", "mat"): [0.6, 0.6, 0.6],
+    ("con-5x5x3a", "mappo"): None,  # so con-5x5x3a is left out of the aggregate
+}
+BATCH, ITERATIONS = 2048, 4  # the scripts' default batch (16 envs x 128 steps); a budget of 4 iterations
+TRAIN = [[0.0, 1.0, 2.0, 3.0], [1.0, float("nan"), 3.0, 5.0], [2.0, 3.0, 4.0, 7.0]]  # per seed, per iteration
+
+
+def write_run(runs, env_id, algo, stamp, finals, total_timesteps=BATCH * ITERATIONS):
+    folder = runs / f"{env_id}__learning_{algo}__1__{stamp}"
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps(dict(total_timesteps=total_timesteps, num_seeds=3)))
+    done = ITERATIONS if finals is not None else 2
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["iteration", "seed", "global_step", "charts/episodic_return", "eval/episodic_return"])
+        for i in range(done):
+            for s in range(3):
+                w.writerow([i + 1, s + 1, (i + 1) * BATCH, TRAIN[s][i], ""])
+        for s, value in enumerate(finals or []):  # the final evaluation row: only eval/* filled
+            w.writerow([done, s + 1, done * BATCH, "", value])
+    with open(folder / "timing.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["iteration", "global_step", "SPS", "seconds"])
+        w.writerows([i + 1, (i + 1) * BATCH, 1000.0, 2.0 * (i + 1)] for i in range(done))
+    if finals is None:
+        (folder / "checkpoint.msgpack").write_bytes(b"")
+    else:
+        summary = {"eval/episodic_return": finals, "global_step": done * BATCH, "seconds": 2.0 * done}
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def report(tmp_path):
+    runs = tmp_path / "runs"
+    for (env_id, algo), finals in FINALS.items():
+        write_run(runs, env_id, algo, 100, finals)
+    # decoys: a newer run in progress next to a complete one, and a complete run with another budget
+    write_run(runs, "rware-tiny-2ag", "mat", 200, None)
+    write_run(runs, "rware-tiny-2ag", "mam", 300, [99.0, 99.0, 99.0], total_timesteps=BATCH * 8)
+    envs = list(dict.fromkeys(e for e, _ in FINALS))
+    budgets = [f"{e}={BATCH * ITERATIONS}" for e in envs]
+    cmd = [sys.executable, str(ROOT / "benchmarks/learning.py"), "--report-only", "--bootstrap-reps", 500, "--env-ids", *envs,
+           "--budget", *budgets, "--runs-dir", str(runs), "--out-dir", str(tmp_path / "out")]  # fmt: skip
+    cmd = [
+        str(c) for c in cmd
+    ]  # 500 resamples: the CIs are checked for bounds only, the point values exactly
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    read = lambda name: list(csv.DictReader(open(tmp_path / "out" / name)))
+    return proc.stdout, read
+
+
+def test_report_picks_runs_and_computes_finals_and_curves(tmp_path):
+    out, read = report(tmp_path)
+    status = {(r["env_id"], r["algo"]): (r["status"], r["run_dir"]) for r in read("learning_runs.csv")}
+    assert len(status) == len(FINALS)
+    assert status["rware-tiny-2ag", "mat"][0] == "complete"  # the newer run in progress does not replace it
+    assert status["rware-tiny-2ag", "mat"][1].endswith("__100")
+    assert status["rware-tiny-2ag", "mam"][1].endswith("__100")  # the other budget's run is not this task's
+    assert status["con-5x5x3a", "mappo"][0] == "in progress"
+
+    finals = {(r["env_id"], r["algo"]): r for r in read("learning_final.csv")}
+    assert set(finals) == {k for k, v in FINALS.items() if v is not None}
+    for key, row in finals.items():
+        values = FINALS[key]
+        assert float(row["eval_return"]) == pytest.approx(np.mean(values), abs=1e-4)
+        assert (
+            min(values) - 1e-4 <= float(row["ci_low"]) <= float(row["eval_return"]) <= float(row["ci_high"])
+        )
+        assert float(row["ci_high"]) <= max(values) + 1e-4
+        assert [float(v) for v in row["eval_per_seed"].split(";")] == values
+    assert finals["lbf-8x8-2p-2f-coop", "mat"]["ci_low"] == finals["lbf-8x8-2p-2f-coop", "mat"]["ci_high"]
+
+    curve = [r for r in read("learning_curves.csv") if (r["env_id"], r["algo"]) == ("rware-tiny-2ag", "mam")]
+    expected = np.array(TRAIN)
+    expected[1, 1] = expected[1, 0]  # an iteration without an ended episode carries the seed's last value
+    assert [int(r["global_step"]) for r in curve] == [BATCH * (i + 1) for i in range(ITERATIONS)]
+    np.testing.assert_allclose([float(r["episodic_return"]) for r in curve], expected.mean(0), atol=1e-4)
+    assert [float(r["seconds"]) for r in curve] == [2.0, 4.0, 6.0, 8.0]
+    assert "| con-5x5x3a (0.008192M steps) | 0.80" in out  # the printed table: mam's cell, mappo has none
+    assert (tmp_path / "out" / "learning.png").stat().st_size > 0
+
+
+def test_report_aggregate_matches_a_hand_computation(tmp_path):
+    pytest.importorskip("rliable", reason="the aggregate needs benchmarks/requirements.txt")
+    _, read = report(tmp_path)
+    tasks = ["rware-tiny-2ag", "lbf-8x8-2p-2f-coop"]  # con-5x5x3a: mappo's run is not complete
+    norm = {}
+    for t in tasks:
+        low = min(min(FINALS[t, a]) for a in ("mam", "mat", "mappo"))
+        high = max(max(FINALS[t, a]) for a in ("mam", "mat", "mappo"))
+        for a in ("mam", "mat", "mappo"):
+            norm[t, a] = [(v - low) / (high - low) for v in FINALS[t, a]]
+    rows = read("learning_aggregate.csv")
+    assert {r["tasks"] for r in rows} == {"2"} and {r["runs_per_task"] for r in rows} == {"3"}
+    got = {(r["algo"], r["over"], r["metric"]): float(r["value"]) for r in rows}
+    for a in ("mam", "mat", "mappo"):
+        scores = sorted(v for t in tasks for v in norm[t, a])
+        assert got[a, "", "mean"] == pytest.approx(np.mean(scores), abs=1e-4)
+        assert got[a, "", "IQM"] == pytest.approx(
+            np.mean(scores[1:-1]), abs=1e-4
+        )  # 6 scores: drop 1 each end
+    for x, y in [("mam", "mat"), ("mam", "mappo"), ("mat", "mappo")]:
+        wins = [np.mean([(u > v) + 0.5 * (u == v) for u in norm[t, x] for v in norm[t, y]]) for t in tasks]
+        assert got[x, y, "P(algo > over)"] == pytest.approx(np.mean(wins), abs=1e-4)
+    assert (tmp_path / "out" / "learning_aggregate.png").stat().st_size > 0
