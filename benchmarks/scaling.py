@@ -484,12 +484,12 @@ def report(rows, env_rows, opts, machine, device):
         print(f"  {f['method']:>14} {f['pass']:<5} {fmt(f['slope'])}  ({where})")
 
     methods = {r["method"] for r in rows}
-    if "mam" in methods:
-        print("\nwhere MAM becomes faster:")
+    for mam in [m for m in ("mam", "mam-parallel") if m in methods]:
+        print(f"\nwhere {mam} becomes faster:")
         for other in ("mat-cache", "mat-recompute"):
             if other in methods:
                 for name, column in (("act", "act_ms"), ("train", "train_ms")):
-                    print(f"  vs {other:<13} {name:<5}: {crossover(rows, column, 'mam', other)}")
+                    print(f"  vs {other:<13} {name:<5}: {crossover(rows, column, mam, other)}")
 
     sizes = (
         f"obs_dim {opts.obs_dim}, {opts.num_actions} actions, batch {opts.batch}, minibatch {opts.minibatch}"
