@@ -22,7 +22,7 @@ def compile_cache(tmp_path_factory):
 
 @pytest.fixture
 def run_script(tmp_path, compile_cache):
-    def run(script, *flags, cwd=None, timeout=400):
+    def run(script, *flags, cwd=None, timeout=900):
         env = dict(
             os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compile_cache, WANDB_MODE="offline"
         )

@@ -59,7 +59,7 @@ def test_interrupted_and_resumed_is_the_uninterrupted_run(
             proc.send_signal(sig)
             break
     out = proc.stdout.read()
-    proc.wait(timeout=400)
+    proc.wait(timeout=900)
     (run_dir,) = run_dirs(tmp_path)
     stopped = json.loads((run_dir / "stopped.json").read_text())
     assert proc.returncode == 128 + sig, stopped

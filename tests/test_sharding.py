@@ -56,7 +56,7 @@ print(json.dumps(dict(one=one, two=two)))
 
 
 def run(args, env=TWO_DEVICES, cwd=REPO):
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -106,7 +106,7 @@ def test_two_processes(tmp_path):
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert all("on 2 device(s)" in out for out in outs)
     (tmp_path / "single").mkdir()
