@@ -300,12 +300,15 @@ def aggregate(finals, algos, reps):
         for a in algos:  # a task where every run scored the same normalises to 0
             matrices[a][:, j] = (scores[t, a][:runs] - low) / (high - low) if high > low else 0.0
     iqm_mean = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
-    point, ci = rly.get_interval_estimates(matrices, iqm_mean, reps=reps)
+    seeded = lambda: np.random.RandomState(0)  # rliable resamples with numpy's global RNG unless given one
+    point, ci = rly.get_interval_estimates(matrices, iqm_mean, reps=reps, random_state=seeded())
     rows = [dict(algo=a, metric=m, value=r4(point[a][i]), ci_low=r4(ci[a][0][i]), ci_high=r4(ci[a][1][i]),
                  tasks=len(tasks), runs_per_task=runs)
             for a in algos for i, m in enumerate(["IQM", "mean"])]  # fmt: skip
     pairs = {f"{x},{y}": (matrices[x], matrices[y]) for i, x in enumerate(algos) for y in algos[i + 1 :]}
-    point, ci = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps)
+    point, ci = rly.get_interval_estimates(
+        pairs, metrics.probability_of_improvement, reps=reps, random_state=seeded()
+    )
     pair_rows = [dict(algo=k.split(",")[0], over=k.split(",")[1], metric="P(algo > over)", value=r4(point[k]),
                       ci_low=r4(ci[k][0][0]), ci_high=r4(ci[k][1][0]), tasks=len(tasks), runs_per_task=runs)
                  for k in pairs]  # fmt: skip
