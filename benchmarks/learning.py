@@ -15,8 +15,10 @@ script finishes its iteration, checkpoints and exits, and the next call with the
 unless --force.
 
 Report mode (--report-only, and always after running) finds the runs of --env-ids x --algos in runs/ (the
-newest complete one, else the newest one in progress, whose curve is drawn but which has no final score) and
-writes to --out-dir:
+newest complete one, else the newest one in progress, whose curve is drawn but which has no final score). A
+(task, algo) with no folder in runs/ keeps its rows from the CSVs already in --out-dir, if they are of the same
+budget and seeds: the committed results stand for runs made on another machine, so a study split across
+machines reports all of them (the aggregate included). It writes to --out-dir:
   learning_runs.csv       which run folder is which (task, algo), its budget, steps done, seconds, status.
   learning_curves.csv     per (task, algo, global_step): the training return (sampled actions) of each
                           iteration, mean over seeds with a 95% bootstrap CI (seeds resampled,
@@ -325,6 +327,19 @@ def finals_by(finals):
     return {(f["env_id"], f["algo"]): f for f in finals}
 
 
+def kept_rows(opts, env_id, algo, steps, seeds):
+    """The rows of (task, algo) in the CSVs already in --out-dir, when they report a run with these flags:
+    -> (runs row, curve rows, final row or None), or None. A study split across machines keeps its finished
+    runs there (the committed results), not their folders in runs/."""
+    read = lambda name: [r for r in read_csv(os.path.join(opts.out_dir, name))
+                         if (r["env_id"], r["algo"]) == (env_id, algo)]  # fmt: skip
+    record = next(iter(read("learning_runs.csv")), None)
+    if record is None or (record["total_timesteps"], record["num_seeds"]) != (str(steps), str(seeds)):
+        return None
+    final = next(iter(read("learning_final.csv")), None) if record["status"] == "complete" else None
+    return record, read("learning_curves.csv"), final
+
+
 def report(opts):
     records, curves, finals, plot = [], [], [], {}
     for env_id in opts.env_ids:
@@ -333,6 +348,22 @@ def report(opts):
             steps = budget_steps(opts, env_id, algo)
             run_dir, complete = (None, False) if steps is None else find_run(
                 opts.runs_dir, f"learning_{algo}", env_id, opts.seed, steps, seeds)  # fmt: skip
+            kept = None if run_dir or steps is None else kept_rows(opts, env_id, algo, steps, seeds)
+            if kept:  # no run folder here: keep what --out-dir reports of it, as it is
+                record, rows, final = kept
+                print(
+                    f"kept from {os.path.relpath(opts.out_dir, ROOT)}: {env_id} / {algo}, {record['status']}"
+                )
+                records.append(record)
+                curves += rows
+                columns = ("global_step", "seconds", "episodic_return", "ci_low", "ci_high")
+                x, secs, mean, low, high = (np.array([float(r[k]) for r in rows]) for k in columns)
+                plot.setdefault(env_id, {})[algo] = (x, secs, mean, low, high, int(record["num_seeds"]))
+                if final:
+                    per_seed = np.array([float(v) for v in final["eval_per_seed"].split(";")])
+                    numbers = {k: float(final[k]) for k in ("eval_return", "ci_low", "ci_high")}
+                    finals.append({**final, **numbers, "per_seed": per_seed})
+                continue
             if run_dir is None:
                 print(f"no run yet: {env_id} / {algo}")
                 continue

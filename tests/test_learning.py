@@ -4,6 +4,7 @@ No training: the runs are written here in the scripts' format (args.json, metric
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -59,6 +60,12 @@ def report(tmp_path):
     # decoys: a newer run in progress next to a complete one, and a complete run with another budget
     write_run(runs, "rware-tiny-2ag", "mat", 200, None)
     write_run(runs, "rware-tiny-2ag", "mam", 300, [99.0, 99.0, 99.0], total_timesteps=BATCH * 8)
+    return report_again(tmp_path)
+
+
+def report_again(tmp_path):
+    """learning.py --report-only on the runs in tmp_path/runs, into tmp_path/out. -> (stdout, CSV reader)."""
+    runs = tmp_path / "runs"
     envs = list(dict.fromkeys(e for e, _ in FINALS))
     budgets = [f"{e}={BATCH * ITERATIONS}" for e in envs]
     cmd = [sys.executable, str(ROOT / "benchmarks/learning.py"), "--report-only", "--bootstrap-reps", 500, "--env-ids", *envs,
@@ -101,6 +108,33 @@ def test_report_picks_runs_and_computes_finals_and_curves(tmp_path):
     assert [float(r["seconds"]) for r in curve] == [2.0, 4.0, 6.0, 8.0]
     assert "| con-5x5x3a (0.008192M steps) | 0.80" in out  # the printed table: mam's cell, mappo has none
     assert (tmp_path / "out" / "learning.png").stat().st_size > 0
+
+
+def test_report_keeps_the_rows_of_runs_made_elsewhere(tmp_path):
+    """A study split across machines: without the run folders, a report of --out-dir's CSVs gives the same CSVs;
+    a run finished here then replaces its own rows, and the rest stay."""
+    report(tmp_path)
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.glob("*.csv"))
+    before = {n: (out / n).read_text() for n in names}
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "runs").mkdir()
+    stdout, read = report_again(tmp_path)
+    assert "kept from" in stdout
+    assert {n: (out / n).read_text() for n in names} == before
+
+    write_run(tmp_path / "runs", "con-5x5x3a", "mappo", 400, [0.0, 0.3, 0.6])  # the run in progress, finished
+    _, read = report_again(tmp_path)
+    status = {(r["env_id"], r["algo"]): (r["status"], r["run_dir"][-5:]) for r in read("learning_runs.csv")}
+    assert status["con-5x5x3a", "mappo"] == ("complete", "__400")
+    assert status["rware-tiny-2ag", "mat"] == ("complete", "__100")  # kept
+    finals = {(r["env_id"], r["algo"]): [float(v) for v in r["eval_per_seed"].split(";")]
+              for r in read("learning_final.csv")}  # fmt: skip
+    assert finals == {**{k: v for k, v in FINALS.items() if v}, ("con-5x5x3a", "mappo"): [0.0, 0.3, 0.6]}
+    curve = [r for r in read("learning_curves.csv") if (r["env_id"], r["algo"]) == ("rware-tiny-2ag", "mam")]
+    assert [r["global_step"] for r in curve] == [str(BATCH * (i + 1)) for i in range(ITERATIONS)]
+    if (out / "learning_aggregate.csv").exists():  # rliable installed: the new task joins the aggregate
+        assert {r["tasks"] for r in read("learning_aggregate.csv")} == {"3"}
 
 
 def test_report_aggregate_matches_a_hand_computation(tmp_path):
