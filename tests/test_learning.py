@@ -162,19 +162,20 @@ def test_report_aggregate_matches_a_hand_computation(tmp_path):
     assert (tmp_path / "out" / "learning_aggregate.png").stat().st_size > 0
 
 
-def test_aggregate_cis_do_not_depend_on_the_global_rng():
+def test_aggregate_cis_do_not_depend_on_the_global_rng(monkeypatch):
     """Two reports of the same runs give the same CIs whatever numpy's global RNG holds. rliable 1.2's
     StratifiedBootstrap (IQM, mean) draws from the global RNG even when given a random_state: this test failed
     until learning.py seeded it too."""
     pytest.importorskip("rliable", reason="the aggregate needs benchmarks/requirements.txt")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import learning
 
     finals = [dict(env_id=t, algo=a, per_seed=v) for (t, a), v in FINALS.items() if v is not None]
-    reports = []
+    reports, state = [], np.random.get_state()
     for global_seed in (1, 2):
         np.random.seed(global_seed)  # what an unseeded bootstrap would draw from
         reports.append(learning.aggregate(finals, ["mam", "mat", "mappo"], reps=200))
+    np.random.set_state(state)  # leave the worker's global RNG as it was
     assert reports[0] == reports[1]
     rows, pairs, tasks = reports[0]
     assert len(rows) == 6 and len(pairs) == 3 and tasks == ["rware-tiny-2ag", "lbf-8x8-2p-2f-coop"]
