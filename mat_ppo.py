@@ -98,6 +98,12 @@ class Args:
     """coefficient of the value function"""
     max_grad_norm: float = 5.0
     """the maximum norm for the gradient clipping"""
+    agent_ids: bool = True
+    """append a one-hot agent id to every agent's observation, as the paper's code does (not on Connector, whose
+    observation already tells the agents apart)"""
+    shuffle_agents: bool = True
+    """permute the agents of the training batch, one random order per PPO epoch, as the paper's code does (acting
+    keeps the env's order)"""
     eval_episodes: int = 32
     """number of evaluation episodes (run in parallel) at the end of training"""
     eval_greedy: bool = False
@@ -228,9 +234,14 @@ class Env(NamedTuple):
     obs_dim: int
     action_dim: int
     time_limit: int
+    agent_ids: bool  # whether observe appends the one-hot agent id
 
     def observe(self, observation):
-        """Per-agent float observation (N, obs_dim)."""
+        """Per-agent float observation (N, obs_dim), the one-hot agent id last if agent_ids."""
+        obs = self.observe_env(observation)
+        return jnp.concatenate([obs, jnp.eye(self.num_agents)], -1) if self.agent_ids else obs
+
+    def observe_env(self, observation):
         if self.family == "smax":  # one vector per ally (plus "world_state", unused: see README)
             return jnp.stack([observation[agent] for agent in self.env.agents]).astype(jnp.float32)
         if self.family != "connector":
@@ -307,8 +318,11 @@ class Env(NamedTuple):
         animation.save(path, writer="pillow", dpi=50 if self.family == "smax" else 30)
 
 
-def make_env(env_id, num_agents=None):
+def make_env(env_id, num_agents=None, agent_ids=False):
+    """The env of env_id with num_agents agents; agent_ids appends a one-hot id to each agent's observation, except
+    on Connector, whose observation already tells the agents apart (Mava's implicit_agent_id)."""
     family, kw, time_limit = env_config(env_id, num_agents)
+    agent_ids = agent_ids and family != "connector"
     # jaxmarl and jumanji here, not at the top: importing them starts XLA, which jax.distributed.initialize()
     # must precede
     if family == "smax":
@@ -323,7 +337,7 @@ def make_env(env_id, num_agents=None):
         env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, max_steps=time_limit, see_enemy_actions=True,
                            walls_cause_death=True, attack_mode="closest")  # fmt: skip
         obs_dim, action_dim = env.observation_spaces["ally_0"].shape[0], env.action_spaces["ally_0"].n
-        return Env(env, family, n, obs_dim, action_dim, time_limit)
+        return Env(env, family, n, obs_dim + n * agent_ids, action_dim, time_limit, agent_ids)
     from jumanji.environments import Connector, LevelBasedForaging, RobotWarehouse
     from jumanji.environments.routing.connector.generator import RandomWalkGenerator
     from jumanji.environments.routing.lbf.generator import RandomGenerator as LBFGenerator
@@ -337,7 +351,7 @@ def make_env(env_id, num_agents=None):
     env = env_class(generator=generator(**kw), time_limit=time_limit)
     num_agents, action_dim = env.action_spec.shape[0], int(env.action_spec.num_values[0])
     obs_dim = 6 * kw["grid_size"] ** 2 if family == "connector" else env.observation_spec.agents_view.shape[1]
-    return Env(env, family, num_agents, obs_dim, action_dim, time_limit)
+    return Env(env, family, num_agents, obs_dim + num_agents * agent_ids, action_dim, time_limit, agent_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -675,7 +689,11 @@ def ppo_update(args, network, train_state, data, key, mesh=None):
         perm = jax.random.permutation(perm_key, batch_size)
         shuffle = lambda x: x.reshape((batch_size,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:])
         # (num_minibatches, M, ...), each minibatch split over the devices
-        minibatches = shard(jax.tree.map(shuffle, data), mesh, P(None, "data"))
+        minibatches = jax.tree.map(shuffle, data)
+        if args.shuffle_agents:  # one order of the agents per epoch for every per-agent tensor (M, N, ...)
+            agents = jax.random.permutation(jax.random.fold_in(perm_key, 1), data[0].obs.shape[2])
+            minibatches = jax.tree.map(lambda x: x[:, :, agents] if x.ndim > 2 else x, minibatches)
+        minibatches = shard(minibatches, mesh, P(None, "data"))
         train_state, info = jax.lax.scan(update_minibatch, train_state, minibatches)
         return (train_state, key), info
 
@@ -887,13 +905,13 @@ def read_checkpoint(args):
         fail(f"--load-model: no such model file {model_path}")
     try:
         with open(args_path) as f:
-            saved = json.load(f)  # the saved run's flags
+            saved = {**PROTOCOL_OFF, **json.load(f)}  # the saved run's flags
         with open(model_path, "rb") as f:
             state = flax.serialization.msgpack_restore(f.read())
     except Exception as e:  # any unreadable file: say which, no traceback
         fail(f"--load-model: cannot read {model_path} / {args_path}: {type(e).__name__}: {e}")
     try:
-        args = replace(args, **{k: saved[k] for k in ("env_id", "num_agents", *NETWORK_ARGS)})
+        args = replace(args, **{k: saved[k] for k in ("env_id", "num_agents", "agent_ids", *NETWORK_ARGS)})
     except (KeyError, TypeError) as e:
         fail(f"--load-model: args.json lacks {e}")
     check_args(args)  # again: the saved env and network replaced the flags'
@@ -923,12 +941,16 @@ RESUME_MAY_CHANGE = ("exp_name", "track", "wandb_project_name", "wandb_entity", 
                      "checkpoint_every", "num_devices", "total_timesteps", "capture_video")  # fmt: skip
 
 
+# runs saved before --agent-ids and --shuffle-agents existed ran without them
+PROTOCOL_OFF = dict(agent_ids=False, shuffle_agents=False)
+
+
 def saved_args(run_dir):
     """The flags of the run in run_dir (its args.json)."""
     path = os.path.join(run_dir, "args.json")
     try:
         with open(path) as f:
-            return Args(**json.load(f))
+            return Args(**{**PROTOCOL_OFF, **json.load(f)})
     except (OSError, ValueError, TypeError) as e:
         fail(f"--resume: cannot read the run's flags from {path} ({type(e).__name__}: {e})")
 
@@ -1253,7 +1275,7 @@ def evaluate_model(args):
     """--load-model: evaluate a saved model over all its seeds, no training, with the keys of the final
     evaluation of training: the same --seed gives the numbers its run ended with."""
     args, state = read_checkpoint(args)
-    env = make_env(args.env_id, args.num_agents)
+    env = make_env(args.env_id, args.num_agents, args.agent_ids)
     if args.capture_video:
         check_video(env)
     network = build_network(args, env)
@@ -1295,7 +1317,7 @@ def main(args):
     checkpoint = None
     if args.resume is not None:
         args, checkpoint = read_resume(args)
-    env = make_env(args.env_id, args.num_agents)
+    env = make_env(args.env_id, args.num_agents, args.agent_ids)
     if args.capture_video:
         check_video(env)
     network = build_network(args, env)
