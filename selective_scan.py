@@ -6,18 +6,26 @@ Channel-last shapes: x, delta (b, l, d); A (d, n); B, C (b, l, n); D (d,); state
     y_t = C_t . h_t + D * x_t                      (dot product over the n state channels)
 
 This is the math of Mamba's `selective_scan_ref`; delta must already be positive (softplus and any bias
-belong to the caller), A negative, and the z gate is applied outside. Three evaluations of the same math:
+belong to the caller), A negative, and the z gate is applied outside. Four evaluations of the same math:
 
 - `selective_scan(..., mode="parallel")`: `jax.lax.associative_scan` over l, O(log l) sequential depth;
 - `selective_scan(..., mode="sequential")`: `jax.lax.scan` over l, one token at a time, with a hand-written
   backward pass (see `_scan_bwd`);
+- `selective_scan(..., mode="pallas")`: one fused Pallas kernel (Triton backend) per pass that keeps the state
+  in registers, forward and hand-written backward (see `_fused`); for GPUs. On a CPU it runs in Pallas'
+  interpreter, slowly: that is for tests;
 - `selective_scan_step`: one token with a carried state, for auto-regressive decoding.
 
 Shapes are validated while tracing (they are static), so the checks cost nothing under jit.
 """
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 
 def _fmt(items):
@@ -145,7 +153,168 @@ def _scan_bwd(residuals, cotangents):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def selective_scan(x, delta, A, B, C, D, *, h0=None, reverse=False, mode="parallel", return_state=False):
+# The "pallas" mode: one fused kernel per pass (Pallas, Triton backend), as in Mamba's CUDA kernel. The grid is
+# (batch row, block of block_d channels); each program walks all tokens of its row with its (n, block_d) state
+# in registers, `chunk` tokens per loop step (unrolled), reading x, delta, B, C once. The state is (n, d) as in
+# the sequential mode; n is padded to a power of two (Triton's tensor sizes), d to a multiple of block_d, and l
+# to a multiple of chunk with delta = 0 (decay 1, input 0), which leaves the real tokens untouched.
+# - Forward: writes y token by token; when gradients are wanted it also saves the state before every chunk.
+# - Backward: walks the chunks in reverse, rebuilds a chunk's states from its saved one, then steps back through
+#   its tokens with the formulas of `_scan_bwd`, carrying g = dL/dh. It writes dx and ddelta directly, and
+#   partials that are summed outside (no two programs write one place): dB, dC per block of channels, dA, dD
+#   per batch row.
+# interpret=True runs the same kernel in Pallas' interpreter: that is how the CPU tests check it.
+class _Fused(NamedTuple):  # static settings of one fused call (hashable: custom_vjp's nondiff argument)
+    chunk: int
+    block_d: int
+    num_warps: int
+    interpret: bool
+
+
+def _fused_forward_kernel(h0_ref, x_ref, delta_ref, B_ref, C_ref, A_ref, D_ref, y_ref, h_ref, *saved, chunk):
+    """One program. Refs: h0, A, h (n, bd); x, delta, y (l, bd); B, C (l, n); D (bd,); saved (l/chunk, n, bd)."""
+    A, D = A_ref[...], D_ref[...]
+
+    def body(c, h):
+        if saved:
+            saved[0][c] = h  # the state before chunk c
+        for k in range(chunk):
+            t = c * chunk + k
+            x_t, delta_t, B_t = x_ref[t], delta_ref[t], B_ref[t]  # (bd,), (bd,), (n,)
+            h = jnp.exp(delta_t[None, :] * A) * h + B_t[:, None] * (delta_t * x_t)[None, :]
+            y_ref[t] = jnp.sum(C_ref[t][:, None] * h, axis=0) + D * x_t
+        return h
+
+    h_ref[...] = jax.lax.fori_loop(0, x_ref.shape[0] // chunk, body, h0_ref[...])
+
+
+def _fused_backward_kernel(
+    x_ref, delta_ref, B_ref, C_ref, A_ref, D_ref, saved_ref, dy_ref, dh_ref,  # inputs, shaped as above
+    dh0_ref, dx_ref, ddelta_ref, dB_ref, dC_ref, dA_ref, dD_ref,  # dB, dC, dA, dD: this program's partials
+    *, chunk,
+):  # fmt: skip
+    A, D = A_ref[...], D_ref[...]
+    n_chunks = x_ref.shape[0] // chunk
+
+    def body(i, carry):
+        g, dA, dD = carry  # g = dL/dh after the chunk (n, bd); dA (n, bd); dD (bd,)
+        c = n_chunks - 1 - i
+        hs, tokens = [saved_ref[c]], []  # hs[k]: the state before token k of the chunk; hs[chunk]: after it
+        for k in range(chunk):  # the forward's numbers, recomputed
+            t = c * chunk + k
+            x_t, delta_t, B_t = x_ref[t], delta_ref[t], B_ref[t]
+            decay = jnp.exp(delta_t[None, :] * A)
+            hs.append(decay * hs[-1] + B_t[:, None] * (delta_t * x_t)[None, :])
+            tokens.append((t, x_t, delta_t, B_t, decay))
+        for k in reversed(range(chunk)):
+            t, x_t, delta_t, B_t, decay = tokens[k]
+            dy_t = dy_ref[t]
+            G = g + C_ref[t][:, None] * dy_t[None, :]  # dL/dh_t: from the later tokens and from y_t
+            dC_ref[t] = jnp.sum(hs[k + 1] * dy_t[None, :], axis=1)
+            dB_ref[t] = jnp.sum(G * (delta_t * x_t)[None, :], axis=1)
+            G_dot_B = jnp.sum(G * B_t[:, None], axis=0)  # (bd,)
+            g = G * decay  # dL/dh_{t-1}
+            g_h = g * hs[k]
+            ddelta_ref[t] = jnp.sum(g_h * A, axis=0) + x_t * G_dot_B
+            dx_ref[t] = delta_t * G_dot_B + D * dy_t
+            dA, dD = dA + g_h * delta_t[None, :], dD + dy_t * x_t
+        return g, dA, dD
+
+    carry = (dh_ref[...], jnp.zeros(A.shape, A.dtype), jnp.zeros(D.shape, D.dtype))
+    dh0_ref[...], dA_ref[...], dD_ref[...] = jax.lax.fori_loop(0, n_chunks, body, carry)
+
+
+def _fused_call(cfg, kernel, name, args, outs):
+    """pallas_call over the grid (batch row i, channel block j). args, outs: (array or its shape, block kind)
+    with kind "seq" (b, l, d), "seq_n" (b, l, n), "state" (b, n, d), "A" (n, d), "D" (d,), "row_d" (b, d),
+    "saved" (b, l/chunk, n, d) or "part_n" (b, d/block_d, l, n)."""
+    bd = cfg.block_d
+    blocks = {  # kind -> (block shape for an array shape s, grid point -> block index)
+        "seq": (lambda s: (None, s[1], bd), lambda i, j: (i, 0, j)),
+        "seq_n": (lambda s: (None, s[1], s[2]), lambda i, j: (i, 0, 0)),
+        "state": (lambda s: (None, s[1], bd), lambda i, j: (i, 0, j)),
+        "A": (lambda s: (s[0], bd), lambda i, j: (0, j)),
+        "D": (lambda s: (bd,), lambda i, j: (j,)),
+        "row_d": (lambda s: (None, bd), lambda i, j: (i, j)),
+        "saved": (lambda s: (None, s[1], s[2], bd), lambda i, j: (i, 0, 0, j)),
+        "part_n": (lambda s: (None, None, s[2], s[3]), lambda i, j: (i, j, 0, 0)),
+    }
+    spec = lambda shape, kind: pl.BlockSpec(blocks[kind][0](shape), blocks[kind][1])
+    x = args[1][0]  # (b, l, d) in both kernels
+    return pl.pallas_call(
+        functools.partial(kernel, chunk=cfg.chunk),
+        out_shape=[jax.ShapeDtypeStruct(shape, x.dtype) for shape, _ in outs],
+        grid=(x.shape[0], x.shape[2] // bd),
+        in_specs=[spec(a.shape, kind) for a, kind in args],
+        out_specs=[spec(shape, kind) for shape, kind in outs],
+        # Triton's parameters: they also keep jax 0.10+ from sending the call to Mosaic GPU (DESIGN.md)
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=cfg.interpret,
+        name=name,
+    )(*(a for a, _ in args))
+
+
+def _fused_forward(cfg, save, h0, x, delta, B, C, A, D):
+    """-> [y (b, l, d), h_last (b, n, d)] + [the state before each chunk (b, l/chunk, n, d)] if save."""
+    (b, l, d), n = x.shape, A.shape[0]
+    args = [(h0, "state"), (x, "seq"), (delta, "seq"), (B, "seq_n"), (C, "seq_n"), (A, "A"), (D, "D")]
+    outs = [(x.shape, "seq"), (h0.shape, "state")] + [((b, l // cfg.chunk, n, d), "saved")] * save
+    return _fused_call(cfg, _fused_forward_kernel, "selective_scan_fwd", args, outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(cfg, h0, x, delta, B, C, A, D):
+    """Padded inputs in the kernel's layout: h0 (b, n, d), x, delta (b, l, d), B, C (b, l, n), A (n, d), D (d,)."""
+    return tuple(_fused_forward(cfg, False, h0, x, delta, B, C, A, D))
+
+
+def _fused_fwd(cfg, h0, x, delta, B, C, A, D):
+    y, h_last, saved = _fused_forward(cfg, True, h0, x, delta, B, C, A, D)
+    return (y, h_last), (x, delta, B, C, A, D, saved)
+
+
+def _fused_bwd(cfg, residuals, cotangents):
+    x, delta, B, C, A, D, saved = residuals
+    (b, l, d), n = x.shape, A.shape[0]
+    args = [(x, "seq"), (delta, "seq"), (B, "seq_n"), (C, "seq_n"), (A, "A"), (D, "D"), (saved, "saved")]
+    args += [(cotangents[0], "seq"), (cotangents[1], "state")]
+    part_n = ((b, d // cfg.block_d, l, n), "part_n")
+    outs = [((b, n, d), "state"), (x.shape, "seq"), (x.shape, "seq"), part_n, part_n]
+    outs += [((b, n, d), "state"), ((b, d), "row_d")]
+    grads = _fused_call(cfg, _fused_backward_kernel, "selective_scan_bwd", args, outs)
+    dh0, dx, ddelta, dB, dC, dA, dD = grads
+    return dh0, dx, ddelta, dB.sum(1), dC.sum(1), dA.sum(0), dD.sum(0)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _pallas_scan(x, delta, A, B, C, D, h0, chunk, block_d, num_warps, interpret):
+    """Pad to the kernel's sizes, run it, cut the padding off. -> y (b, l, d), h_last (b, d, n)."""
+    (b, l, d), n = x.shape, A.shape[1]
+    dtype = jnp.result_type(x, delta, A, B, C, D)
+    chunk, block_d = min(chunk, l), min(block_d, _pow2(d))  # no more padding than needed
+    lp, dp, np_ = -(-l // chunk) * chunk, -(-d // block_d) * block_d, _pow2(n)
+    pad = lambda v, *widths: jnp.pad(v.astype(dtype), widths)  # zeros: delta = 0 on padded tokens
+    x, delta = (pad(v, (0, 0), (0, lp - l), (0, dp - d)) for v in (x, delta))
+    B, C = (pad(v, (0, 0), (0, lp - l), (0, np_ - n)) for v in (B, C))
+    h0 = jnp.zeros((b, n, d), dtype) if h0 is None else jnp.swapaxes(h0, 1, 2)
+    h0 = pad(h0, (0, 0), (0, np_ - n), (0, dp - d))
+    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    cfg = _Fused(chunk, block_d, num_warps, interpret)
+    y, h_last = _fused(cfg, h0, x, delta, B, C, pad(A.T, (0, np_ - n), (0, dp - d)), pad(D, (0, dp - d)))
+    return y[:, :l, :d], jnp.swapaxes(h_last[:, :n, :d], 1, 2)
+
+
+def _pow2(size):
+    """The smallest power of two >= size."""
+    return 1 << (size - 1).bit_length()
+
+
+def selective_scan(
+    x, delta, A, B, C, D, *, h0=None, reverse=False, mode="parallel", return_state=False,
+    interpret=None, block_d=32, chunk=16, num_warps=1,
+):  # fmt: skip
     """Run the selective scan over a whole sequence.
 
     Args:
@@ -153,13 +322,20 @@ def selective_scan(x, delta, A, B, C, D, *, h0=None, reverse=False, mode="parall
       h0: optional (b, d, n) state before the first processed token; zeros if None.
       reverse: scan from token l-1 down to token 0 (same as flipping the inputs along l, scanning, and
         flipping y back); the returned state is then the one after token 0.
-      mode: "parallel" (associative scan) or "sequential" (lax.scan). Same results up to float rounding.
+      mode: "parallel" (associative scan), "sequential" (lax.scan) or "pallas" (the fused kernel). Same
+        results up to float rounding.
       return_state: also return the state after the last processed token.
+      interpret, block_d, chunk, num_warps: the "pallas" mode's settings (the others ignore them). interpret
+        runs the kernel in Pallas' interpreter (default: on where the default backend is a CPU; False forces
+        Triton); block_d channels per program (a power of two), chunk tokens per loop step (and per saved
+        state), num_warps Triton warps per program. The defaults are untuned guesses.
     Returns: y (b, l, d), or (y, h_last) with h_last (b, d, n) when return_state is True.
     """
     fn = "selective_scan"
-    if mode not in ("parallel", "sequential"):
-        raise ValueError(f"{fn}: mode must be 'parallel' or 'sequential', got {mode!r}")
+    if mode not in ("parallel", "sequential", "pallas"):
+        raise ValueError(f"{fn}: mode must be 'parallel', 'sequential' or 'pallas', got {mode!r}")
+    if block_d < 1 or block_d & (block_d - 1) or chunk < 1 or num_warps < 1:
+        raise ValueError(f"{fn}: block_d must be a power of two and chunk, num_warps positive")
     x, delta, A, B, C, D = map(jnp.asarray, (x, delta, A, B, C, D))  # NumPy in -> jax (.at, scans)
     h0 = None if h0 is None else jnp.asarray(h0)
     _expect(fn, "x", x, (None, None, None), "b l d")
@@ -179,7 +355,9 @@ def selective_scan(x, delta, A, B, C, D, *, h0=None, reverse=False, mode="parall
     if reverse:  # flipping in and out keeps a single forward code path per mode
         x, delta, B, C = (jnp.flip(v, axis=1) for v in (x, delta, B, C))
 
-    if mode == "sequential":
+    if mode == "pallas":
+        y, h_last = _pallas_scan(x, delta, A, B, C, D, h0, chunk, block_d, num_warps, interpret)
+    elif mode == "sequential":
         # one dtype for every input: lax.scan needs one carry dtype, custom_vjp cotangents match their inputs
         dtype = jnp.result_type(x, delta, A, B, C, D)
         h0 = jnp.zeros((b, d, n), dtype) if h0 is None else h0
