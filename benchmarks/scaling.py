@@ -9,7 +9,8 @@ scripts, never re-implemented). Per (method, N):
   act    jit(module.act) on random obs (batch, N, obs_dim), all actions legal: auto-regressive decoding
          (MAM: recurrent state, O(1) per agent; MAT cache: KV cache, O(N) per agent; MAT recompute: the whole
          decoder per agent, the paper's MAT; MAPPO: one MLP pass, no decoding)
-         (mam-parallel, only with --methods: MAM with --scan-mode parallel, the associative scan, for GPUs)
+         (mam-parallel, only with --methods: MAM with --scan-mode parallel, the associative scan, for GPUs;
+         mam-pallas, only with --methods and on a GPU: MAM with the fused Pallas kernel of selective_scan.py)
   train  jit(value_and_grad) of sum(log pi(taken actions)) + sum(values) over (minibatch, N, obs_dim), through
          `network.apply` (teacher forcing for MAT / MAM). mat-recompute trains with the very same computation
          as mat-cache (decode only changes `act`), so when both run its train columns are copied from mat-cache
@@ -67,10 +68,13 @@ METHODS = {
     "mam": (mam_ppo, {}),
     # the associative scan: slower on a CPU (the README's scan table), the natural choice on a GPU
     "mam-parallel": (mam_ppo, {"scan_mode": "parallel"}),
+    # the fused Pallas kernel (selective_scan.py): GPUs only; on a CPU it would run in Pallas' interpreter
+    "mam-pallas": (mam_ppo, {"scan_mode": "pallas"}),
     "mat-cache": (mat_ppo, {"decode": "cache"}),
     "mat-recompute": (mat_ppo, {"decode": "recompute"}),
     "mappo": (mappo, {}),
 }
+ASKED_ONLY = ("mam-parallel", "mam-pallas")  # not in the default --methods
 ENV_IDS = ("rware-tiny-2ag", "con-10x10x10a", "smax-smacv2_5_units")
 COLUMNS = ["method", "n_agents", "act_ms", "act_compile_s", "train_ms", "train_compile_s"]
 COLUMNS += ["act_peak_mb", "train_peak_mb", "status", "machine"]
@@ -92,8 +96,8 @@ def parse_args():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--agents", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128, 256, 512])
-    parser.add_argument(  # mam-parallel only when asked: on a CPU it is the slower scan (README)
-        "--methods", nargs="+", default=[m for m in METHODS if m != "mam-parallel"], choices=list(METHODS)
+    parser.add_argument(  # only when asked: mam-parallel is the slower scan on a CPU (README), mam-pallas GPU-only
+        "--methods", nargs="+", default=[m for m in METHODS if m not in ASKED_ONLY], choices=list(METHODS)
     )
     parser.add_argument("--obs-dim", type=int, default=66, help="observation size per agent (fixed over N)")
     parser.add_argument("--num-actions", type=int, default=5, help="actions per agent (RWARE's 5)")
@@ -484,7 +488,7 @@ def report(rows, env_rows, opts, machine, device):
         print(f"  {f['method']:>14} {f['pass']:<5} {fmt(f['slope'])}  ({where})")
 
     methods = {r["method"] for r in rows}
-    for mam in [m for m in ("mam", "mam-parallel") if m in methods]:
+    for mam in [m for m in ("mam", "mam-parallel", "mam-pallas") if m in methods]:
         print(f"\nwhere {mam} becomes faster:")
         for other in ("mat-cache", "mat-recompute"):
             if other in methods:
@@ -523,6 +527,8 @@ def main():
         report(rows, [], opts, rows[0]["machine"] if rows else "", device)
         return
     device = jax.devices()[0].platform  # "cpu" or "gpu"
+    if "mam-pallas" in opts.methods and device == "cpu":
+        sys.exit("scaling.py: mam-pallas needs a GPU (on a CPU its kernel runs interpreted, for tests only)")
     machine = machine_label()
     print(f"machine: {machine}")
     print(
