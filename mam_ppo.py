@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, NamedTuple, Optional
@@ -129,236 +128,6 @@ class Args:
     """rank of the projection that produces the step size delta (small is best per the paper's ablation)"""
     scan_mode: Literal["sequential", "parallel"] = "sequential"
     """how training runs the selective scan over all agents: lax.scan or associative_scan (same numbers)"""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Environment
-# ----------------------------------------------------------------------------------------------------------
-# alias -> (family, generator kwargs, time limit); the raw ids carry Jumanji 1.1.2's defaults.
-def _rware(rows, agents, queue):
-    kw = dict(shelf_rows=rows, shelf_columns=3, column_height=8, num_agents=agents, sensor_range=1)
-    return ("rware", dict(kw, request_queue_size=queue), 500)
-
-
-def _lbf(grid, fov, agents, food, coop=False):
-    kw = dict(grid_size=grid, fov=fov, num_agents=agents, num_food=food, max_agent_level=2, force_coop=coop)
-    return ("lbf", kw, 100)
-
-
-def _connector(grid, agents, time_limit=None):
-    return ("connector", dict(grid_size=grid, num_agents=agents), time_limit or grid * grid)
-
-
-# SMAX (JaxMARL's SMAC / SMACv2): scenario -> (allies, enemies), as jaxmarl 0.2's map_name_to_scenario has them
-# (written out here: importing jaxmarl starts XLA, and env_config must not). smacv2_* draw unit types and start
-# positions at random every episode. All end after jaxmarl's default 100 steps.
-SMAX_SCENARIOS = {
-    "3m": (3, 3), "8m": (8, 8), "25m": (25, 25), "2s3z": (5, 5), "3s5z": (8, 8), "5m_vs_6m": (5, 6),
-    "10m_vs_11m": (10, 11), "27m_vs_30m": (27, 30), "3s5z_vs_3s6z": (8, 9), "3s_vs_5z": (3, 5),
-    "6h_vs_8z": (6, 8), "smacv2_5_units": (5, 5), "smacv2_10_units": (10, 10), "smacv2_20_units": (20, 20),
-}  # fmt: skip
-
-
-def _smax(scenario):
-    allies, enemies = SMAX_SCENARIOS[scenario]
-    return ("smax", dict(scenario=scenario, num_agents=allies, num_enemies=enemies), 100)
-
-
-ENVS = {
-    "rware-tiny-2ag": _rware(1, 2, 2),
-    "rware-tiny-4ag": _rware(1, 4, 4),
-    "rware-tiny-4ag-easy": _rware(1, 4, 8),
-    "rware-small-4ag": _rware(2, 4, 4),
-    "lbf-2s-8x8-2p-2f-coop": _lbf(8, 2, 2, 2, coop=True),
-    "lbf-8x8-2p-2f-coop": _lbf(8, 8, 2, 2, coop=True),
-    "lbf-2s-10x10-3p-3f": _lbf(10, 2, 3, 3),
-    "lbf-10x10-3p-3f": _lbf(10, 10, 3, 3),
-    "lbf-15x15-3p-5f": _lbf(15, 15, 3, 5),
-    "lbf-15x15-4p-3f": _lbf(15, 15, 4, 3),
-    "lbf-15x15-4p-5f": _lbf(15, 15, 4, 5),
-    "con-5x5x3a": _connector(5, 3),
-    "con-7x7x5a": _connector(7, 5),
-    "con-10x10x10a": _connector(10, 10),
-    "con-15x15x23a": _connector(15, 23),
-    "RobotWarehouse-v0": _rware(2, 4, 8),
-    "LevelBasedForaging-v0": _lbf(8, 8, 2, 2, coop=True),
-    "Connector-v3": _connector(10, 10, time_limit=50),
-    **{f"smax-{scenario}": _smax(scenario) for scenario in SMAX_SCENARIOS},
-}
-SUCCESS_KEY = {"rware": None, "lbf": "percent_eaten", "connector": "ratio_connections"}
-
-
-class EnvError(ValueError):
-    """A bad --env-id / --num-agents: reported as one line before anything is compiled."""
-
-
-def env_config(env_id, num_agents=None):
-    """(family, generator kwargs, time limit) for env_id, resized to num_agents. Pure Python, no JAX."""
-    if env_id not in ENVS:
-        raise EnvError(f"unknown --env-id {env_id!r}; choose one of: {', '.join(ENVS)}")
-    family, kw, time_limit = ENVS[env_id]
-    kw = dict(kw)
-    if num_agents is None or num_agents == kw["num_agents"]:
-        return family, kw, time_limit
-    if num_agents < 1:
-        raise EnvError(f"--num-agents must be a positive number of agents (got {num_agents})")
-    kw["num_agents"] = num_agents
-    if family == "rware":
-        # agents spawn on any cell: keep >= 3 cells per agent, alternately widen and lengthen
-        cells = lambda: ((kw["column_height"] + 1) * kw["shelf_rows"] + 2) * (3 * kw["shelf_columns"] + 1)
-        while cells() < 3 * num_agents:
-            if kw["shelf_columns"] <= 3 * kw["shelf_rows"]:
-                kw["shelf_columns"] += 2  # Jumanji wants an odd number of shelf columns
-            else:
-                kw["shelf_rows"] += 1
-    elif family == "smax":  # the smacv2 scenarios draw their units at random: N of them per side
-        if not kw["scenario"].startswith("smacv2"):
-            raise EnvError(
-                f"--num-agents: {env_id} is a fixed SMAC map ({kw['num_agents']} allies vs {kw['num_enemies']} "
-                "enemies); only the smax-smacv2_* scenarios take another count (N vs N)"
-            )
-        kw["num_enemies"] = num_agents
-    elif family == "lbf":  # crowded grids let the generator drop agents on food: >= 5 cells per entity
-        full_view = kw["fov"] == kw["grid_size"]
-        while kw["grid_size"] ** 2 < 5 * (num_agents + kw["num_food"]):
-            kw["grid_size"] += 1
-        kw["fov"] = kw["grid_size"] if full_view else kw["fov"]
-    else:  # Connector silently drops agents that do not fit: keep G^2 >= 5N, the time limit scales with G^2
-        grid = kw["grid_size"]
-        while kw["grid_size"] ** 2 < 5 * num_agents:
-            kw["grid_size"] += 1
-        time_limit = time_limit * kw["grid_size"] ** 2 // grid**2
-    return family, kw, time_limit
-
-
-class Env(NamedTuple):
-    """A Jumanji or SMAX multi-agent env seen the same way for every family (all methods are pure and jittable).
-    A SMAX state is (key, JaxMARL state): SMAX's step draws random numbers, our step takes no key."""
-
-    env: object
-    family: str
-    num_agents: int
-    obs_dim: int
-    action_dim: int
-    time_limit: int
-    agent_ids: bool  # whether observe appends the one-hot agent id
-
-    def observe(self, observation):
-        """Per-agent float observation (N, obs_dim), the one-hot agent id last if agent_ids."""
-        obs = self.observe_env(observation)
-        return jnp.concatenate([obs, jnp.eye(self.num_agents)], -1) if self.agent_ids else obs
-
-    def observe_env(self, observation):
-        if self.family == "smax":  # one vector per ally (plus "world_state", unused: see README)
-            return jnp.stack([observation[agent] for agent in self.env.agents]).astype(jnp.float32)
-        if self.family != "connector":
-            return observation.agents_view.astype(jnp.float32)
-        # Connector-v3 shares one (G, G) grid where agent i's path / position / target read 3i+1 / 3i+2 / 3i+3:
-        # agent i sees six planes: its own path / position / target, then everybody else's.
-        grid = observation.grid  # (G, G)
-        owner, kind = (grid - 1) // 3, (grid - 1) % 3
-        own = owner[None] == jnp.arange(self.num_agents)[:, None, None]  # (N, G, G)
-        planes = [(grid > 0) & (kind == k) & whose for whose in (own, ~own) for k in range(3)]
-        return jnp.stack(planes, -1).reshape(self.num_agents, -1).astype(jnp.float32)  # (N, 6 G^2)
-
-    def reset(self, key):
-        if self.family == "smax":
-            key, reset_key = jax.random.split(key)
-            obs, state = self.env.reset(reset_key)
-            return (key, state), self.observe(obs), self.smax_mask(state)
-        state, ts = self.env.reset(key)
-        return state, self.observe(ts.observation), ts.observation.action_mask
-
-    def smax_mask(self, state):
-        masks = self.env.get_avail_actions(state)  # ally -> (A,) uint8; dead allies may only stop
-        return jnp.stack([masks[agent] for agent in self.env.agents]).astype(bool)
-
-    def smax_step(self, state, actions):
-        # step_env, not JaxMARL's step: that one computes a reset on every step (our pool resets instead)
-        key, step_key = jax.random.split(state[0])
-        actions = dict(zip(self.env.agents, actions))
-        obs, state, rewards, _, _ = self.env.step_env(step_key, state[1], actions)
-        alive = state.state.unit_alive  # (allies + enemies,)
-        allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
-        # one side wiped out is a termination; the time limit otherwise ends the episode (a truncation). Counted
-        # here: JaxMARL's own done tests the step count before it adds the step, one step late (101 steps).
-        terminated = allies_dead | enemies_dead
-        truncated = (state.state.step >= self.time_limit) & ~terminated
-        won = enemies_dead & ~allies_dead  # as JaxMARL's win bonus: a draw is no win
-        reward = rewards[self.env.agents[0]]  # every ally gets the same team reward (tested): count it once
-        mask = self.smax_mask(state)
-        return (key, state), self.observe(obs), mask, reward, terminated, truncated, won.astype(jnp.float32)
-
-    def step(self, state, actions):
-        """-> state, obs (N, O), action mask (N, A), team reward, terminated, truncated, success figure."""
-        if self.family == "smax":
-            return self.smax_step(state, actions)
-        state, ts = self.env.step(state, actions)
-        obs = ts.observation
-        # Every family ends at its time limit with step_count == time_limit: that is a truncation (bootstrap),
-        # also for RWARE, which reports discount 0 there. Anything else that ends an episode is a termination.
-        truncated = ts.last() & (obs.step_count >= self.time_limit)
-        terminated = ts.last() & ~truncated
-        key = SUCCESS_KEY[self.family]
-        success = ts.extras[key].astype(jnp.float32) if key else jnp.float32(jnp.nan)
-        reward = jnp.sum(ts.reward)  # team reward: RWARE's is a scalar, LBF and Connector give one per agent
-        return state, self.observe(obs), obs.action_mask, reward, terminated, truncated, success
-
-    def animate(self, states, path):
-        """Host side: draws an episode (a list of unbatched states) into a GIF with the env's own renderer."""
-        if self.family == "smax":
-            # JaxMARL's drawing of one SMAX state, once per env step (its visualiser also re-simulates and draws
-            # the 8 world ticks between steps, eagerly: minutes an episode)
-            import matplotlib.pyplot as plt
-            from matplotlib.animation import FuncAnimation
-
-            fig, ax = plt.subplots(figsize=(6, 5))
-            plt.close(fig)
-            smax = [s.state for _, s in states]
-            draw = lambda t: self.env.init_render(
-                ax, (None, smax[t], dict(zip(self.env.all_agents, smax[t].prev_attack_actions))), 0, t
-            )
-            animation = FuncAnimation(fig, draw, frames=len(states), interval=100)
-        else:
-            animation = self.env.animate(states, interval=100)  # 10 frames per second
-        # 300 px wide: matplotlib's time grows with the pixels
-        animation.save(path, writer="pillow", dpi=50 if self.family == "smax" else 30)
-
-
-def make_env(env_id, num_agents=None, agent_ids=False):
-    """The env of env_id with num_agents agents; agent_ids appends a one-hot id to each agent's observation, except
-    on Connector, whose observation already tells the agents apart (Mava's implicit_agent_id)."""
-    family, kw, time_limit = env_config(env_id, num_agents)
-    agent_ids = agent_ids and family != "connector"
-    # jaxmarl and jumanji here, not at the top: importing them starts XLA, which jax.distributed.initialize()
-    # must precede
-    if family == "smax":
-        import jaxmarl
-        from jaxmarl.environments.smax import Scenario, map_name_to_scenario
-
-        n = kw["num_agents"]
-        scenario = map_name_to_scenario(kw["scenario"])
-        if n != scenario.num_allies:  # smacv2 N vs N, as a Mava-based make_env defines smacv2_40..1280_units
-            scenario = Scenario(jnp.zeros(2 * n, jnp.uint8), n, n, True, True)
-        # Mava's SMAX settings (mava/configs/env/smax.yaml): the heuristic enemy attacks the closest unit
-        env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, max_steps=time_limit, see_enemy_actions=True,
-                           walls_cause_death=True, attack_mode="closest")  # fmt: skip
-        obs_dim, action_dim = env.observation_spaces["ally_0"].shape[0], env.action_spaces["ally_0"].n
-        return Env(env, family, n, obs_dim + n * agent_ids, action_dim, time_limit, agent_ids)
-    from jumanji.environments import Connector, LevelBasedForaging, RobotWarehouse
-    from jumanji.environments.routing.connector.generator import RandomWalkGenerator
-    from jumanji.environments.routing.lbf.generator import RandomGenerator as LBFGenerator
-    from jumanji.environments.routing.robot_warehouse.generator import RandomGenerator as RWAREGenerator
-
-    env_class, generator = {
-        "rware": (RobotWarehouse, RWAREGenerator),
-        "lbf": (LevelBasedForaging, LBFGenerator),
-        "connector": (Connector, RandomWalkGenerator),
-    }[family]
-    env = env_class(generator=generator(**kw), time_limit=time_limit)
-    num_agents, action_dim = env.action_spec.shape[0], int(env.action_spec.num_values[0])
-    obs_dim = 6 * kw["grid_size"] ** 2 if family == "connector" else env.observation_spec.agents_view.shape[1]
-    return Env(env, family, num_agents, obs_dim + num_agents * agent_ids, action_dim, time_limit, agent_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -637,6 +406,30 @@ class Runner(NamedTuple):
     key: jax.Array
 
 
+def make_update_step(args, env, network, mesh=None):
+    """The whole PPO iteration as one pure function of the runner state. With a device mesh, every minibatch is
+    split over its devices: each computes the gradient of its share and XLA averages them (an all-reduce), so
+    the replicated params stay identical on every device."""
+
+    def update_step(runner):
+        key, pool_key, perm_key = jax.random.split(runner.key, 3)
+        # 1. rollout: T steps of the B envs with the current policy
+        runner, traj, metrics = rollout(args, env, network, runner._replace(key=key), pool_key, mesh)
+        # 2. advantages: GAE, bootstrapped from the value after the last step and at truncations
+        last_values = get_value(network, runner.train_state.params, runner.obs, runner.action_mask)
+        advantages, returns = compute_gae(traj, last_values, args.gamma, args.gae_lambda)
+        # 3. update: update_epochs x num_minibatches gradient steps on the PPO loss
+        data = (traj, advantages, returns)
+        train_state, info = ppo_update(args, network, runner.train_state, data, perm_key, mesh)
+        metrics.update({f"losses/{k}": v.mean() for k, v in info.items()})
+        # whether every param is still finite: the run stops where they are not (Run.stop_if_diverged)
+        finite = [jnp.isfinite(x).all() for x in jax.tree.leaves(train_state.params)]
+        metrics["params_finite"] = jnp.stack(finite).all()
+        return runner._replace(train_state=train_state), metrics
+
+    return update_step
+
+
 def rollout(args, env, network, runner, pool_key, mesh=None):
     """T steps of the B envs with the current policy. -> the runner after them, the Transitions (T, B, ...),
     and the means over the episodes that ended in the rollout (NaN if none did)."""
@@ -697,6 +490,34 @@ def compute_gae(traj, last_values, gamma, gae_lambda):
     return advantages, advantages + values
 
 
+def ppo_update(args, network, train_state, data, key, mesh=None):
+    """update_epochs passes over the rollout's data (Transitions, advantages, returns; (T, B, ...) each), each
+    in num_minibatches shuffled minibatches of M. -> the new train state, the loss parts of every minibatch."""
+    batch_size = args.num_envs * args.num_steps
+    M = batch_size // args.num_minibatches
+
+    def update_minibatch(train_state, minibatch):
+        grads, info = jax.grad(ppo_loss, has_aux=True)(train_state.params, network, args, *minibatch)
+        return train_state.apply_gradients(grads=grads), info
+
+    def update_epoch(carry, _):
+        train_state, key = carry
+        key, perm_key = jax.random.split(key)
+        perm = jax.random.permutation(perm_key, batch_size)
+        shuffle = lambda x: x.reshape((batch_size,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:])
+        # (num_minibatches, M, ...), each minibatch split over the devices
+        minibatches = jax.tree.map(shuffle, data)
+        if args.shuffle_agents:  # one order of the agents per epoch for every per-agent tensor (M, N, ...)
+            agents = jax.random.permutation(jax.random.fold_in(perm_key, 1), data[0].obs.shape[2])
+            minibatches = jax.tree.map(lambda x: x[:, :, agents] if x.ndim > 2 else x, minibatches)
+        minibatches = shard(minibatches, mesh, P(None, "data"))
+        train_state, info = jax.lax.scan(update_minibatch, train_state, minibatches)
+        return (train_state, key), info
+
+    (train_state, _), info = jax.lax.scan(update_epoch, (train_state, key), None, args.update_epochs)
+    return train_state, info
+
+
 def ppo_loss(params, network, args, batch, advantages, returns):
     """PPO's clipped surrogate, clipped value loss and entropy bonus on a minibatch of M transitions;
     advantages and returns (M,) or (M, N) like batch.values. -> loss, its parts for the logs."""
@@ -726,34 +547,6 @@ def ppo_loss(params, network, args, batch, advantages, returns):
     return pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss, info
 
 
-def ppo_update(args, network, train_state, data, key, mesh=None):
-    """update_epochs passes over the rollout's data (Transitions, advantages, returns; (T, B, ...) each), each
-    in num_minibatches shuffled minibatches of M. -> the new train state, the loss parts of every minibatch."""
-    batch_size = args.num_envs * args.num_steps
-    M = batch_size // args.num_minibatches
-
-    def update_minibatch(train_state, minibatch):
-        grads, info = jax.grad(ppo_loss, has_aux=True)(train_state.params, network, args, *minibatch)
-        return train_state.apply_gradients(grads=grads), info
-
-    def update_epoch(carry, _):
-        train_state, key = carry
-        key, perm_key = jax.random.split(key)
-        perm = jax.random.permutation(perm_key, batch_size)
-        shuffle = lambda x: x.reshape((batch_size,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:])
-        # (num_minibatches, M, ...), each minibatch split over the devices
-        minibatches = jax.tree.map(shuffle, data)
-        if args.shuffle_agents:  # one order of the agents per epoch for every per-agent tensor (M, N, ...)
-            agents = jax.random.permutation(jax.random.fold_in(perm_key, 1), data[0].obs.shape[2])
-            minibatches = jax.tree.map(lambda x: x[:, :, agents] if x.ndim > 2 else x, minibatches)
-        minibatches = shard(minibatches, mesh, P(None, "data"))
-        train_state, info = jax.lax.scan(update_minibatch, train_state, minibatches)
-        return (train_state, key), info
-
-    (train_state, _), info = jax.lax.scan(update_epoch, (train_state, key), None, args.update_epochs)
-    return train_state, info
-
-
 def make_optimizer(args, num_iterations):
     """Adam after global-norm clipping; with --anneal-lr the learning rate falls linearly to 0 over the run.
     -> the optimizer, and a function: iteration -> the learning rate after it (for the logs)."""
@@ -765,31 +558,10 @@ def make_optimizer(args, num_iterations):
     return tx, lambda iteration: lr(iteration * updates_per_iteration) if args.anneal_lr else lr
 
 
-def make_update_step(args, env, network, mesh=None):
-    """The whole PPO iteration as one pure function of the runner state. With a device mesh, every minibatch is
-    split over its devices: each computes the gradient of its share and XLA averages them (an all-reduce), so
-    the replicated params stay identical on every device."""
-
-    def update_step(runner):
-        key, pool_key, perm_key = jax.random.split(runner.key, 3)
-        # 1. rollout: T steps of the B envs with the current policy
-        runner, traj, metrics = rollout(args, env, network, runner._replace(key=key), pool_key, mesh)
-        # 2. advantages: GAE, bootstrapped from the value after the last step and at truncations
-        last_values = get_value(network, runner.train_state.params, runner.obs, runner.action_mask)
-        advantages, returns = compute_gae(traj, last_values, args.gamma, args.gae_lambda)
-        # 3. update: update_epochs x num_minibatches gradient steps on the PPO loss
-        data = (traj, advantages, returns)
-        train_state, info = ppo_update(args, network, runner.train_state, data, perm_key, mesh)
-        metrics.update({f"losses/{k}": v.mean() for k, v in info.items()})
-        return runner._replace(train_state=train_state), metrics
-
-    return update_step
-
-
 def make_evaluate(args, env, network):
     """One episode in each of args.eval_episodes fresh envs, side by side, with sampled actions (--eval-greedy:
     argmax). -> the episodes' mean metrics, and with --capture-video env 0's states (time_limit + 1, ...) and
-    its episode length (Run.record draws them), else None."""
+    its episode length (evaluate_and_record draws them), else None."""
 
     def evaluate(params, key):
         reset_key, act_key = jax.random.split(key)
@@ -817,6 +589,237 @@ def make_evaluate(args, env, network):
         return metrics, (frames, length[0].astype(jnp.int32))
 
     return evaluate
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------------------
+# alias -> (family, generator kwargs, time limit); the raw ids carry Jumanji 1.1.2's defaults.
+def _rware(rows, agents, queue):
+    kw = dict(shelf_rows=rows, shelf_columns=3, column_height=8, num_agents=agents, sensor_range=1)
+    return ("rware", dict(kw, request_queue_size=queue), 500)
+
+
+def _lbf(grid, fov, agents, food, coop=False):
+    kw = dict(grid_size=grid, fov=fov, num_agents=agents, num_food=food, max_agent_level=2, force_coop=coop)
+    return ("lbf", kw, 100)
+
+
+def _connector(grid, agents, time_limit=None):
+    return ("connector", dict(grid_size=grid, num_agents=agents), time_limit or grid * grid)
+
+
+# SMAX (JaxMARL's SMAC / SMACv2): scenario -> (allies, enemies), as jaxmarl 0.2's map_name_to_scenario has them
+# (written out here: importing jaxmarl starts XLA, and env_config must not). smacv2_* draw unit types and start
+# positions at random every episode. All end after jaxmarl's default 100 steps.
+SMAX_SCENARIOS = {
+    "3m": (3, 3), "8m": (8, 8), "25m": (25, 25), "2s3z": (5, 5), "3s5z": (8, 8), "5m_vs_6m": (5, 6),
+    "10m_vs_11m": (10, 11), "27m_vs_30m": (27, 30), "3s5z_vs_3s6z": (8, 9), "3s_vs_5z": (3, 5),
+    "6h_vs_8z": (6, 8), "smacv2_5_units": (5, 5), "smacv2_10_units": (10, 10), "smacv2_20_units": (20, 20),
+}  # fmt: skip
+
+
+def _smax(scenario):
+    allies, enemies = SMAX_SCENARIOS[scenario]
+    return ("smax", dict(scenario=scenario, num_agents=allies, num_enemies=enemies), 100)
+
+
+ENVS = {
+    "rware-tiny-2ag": _rware(1, 2, 2), "rware-tiny-4ag": _rware(1, 4, 4), "rware-tiny-4ag-easy": _rware(1, 4, 8),
+    "rware-small-4ag": _rware(2, 4, 4),
+    "lbf-2s-8x8-2p-2f-coop": _lbf(8, 2, 2, 2, coop=True), "lbf-8x8-2p-2f-coop": _lbf(8, 8, 2, 2, coop=True),
+    "lbf-2s-10x10-3p-3f": _lbf(10, 2, 3, 3), "lbf-10x10-3p-3f": _lbf(10, 10, 3, 3),
+    "lbf-15x15-3p-5f": _lbf(15, 15, 3, 5), "lbf-15x15-4p-3f": _lbf(15, 15, 4, 3),
+    "lbf-15x15-4p-5f": _lbf(15, 15, 4, 5),
+    "con-5x5x3a": _connector(5, 3), "con-7x7x5a": _connector(7, 5), "con-10x10x10a": _connector(10, 10),
+    "con-15x15x23a": _connector(15, 23),
+    "RobotWarehouse-v0": _rware(2, 4, 8), "LevelBasedForaging-v0": _lbf(8, 8, 2, 2, coop=True),
+    "Connector-v3": _connector(10, 10, time_limit=50),
+    **{f"smax-{scenario}": _smax(scenario) for scenario in SMAX_SCENARIOS},
+}  # fmt: skip
+SUCCESS_KEY = {"rware": None, "lbf": "percent_eaten", "connector": "ratio_connections"}
+
+
+class EnvError(ValueError):
+    """A bad --env-id / --num-agents: reported as one line before anything is compiled."""
+
+
+def env_config(env_id, num_agents=None):
+    """(family, generator kwargs, time limit) for env_id, resized to num_agents. Pure Python, no JAX."""
+    if env_id not in ENVS:
+        raise EnvError(f"unknown --env-id {env_id!r}; choose one of: {', '.join(ENVS)}")
+    family, kw, time_limit = ENVS[env_id]
+    kw = dict(kw)
+    if num_agents is None or num_agents == kw["num_agents"]:
+        return family, kw, time_limit
+    if num_agents < 1:
+        raise EnvError(f"--num-agents must be a positive number of agents (got {num_agents})")
+    kw["num_agents"] = num_agents
+    if family == "rware":
+        # agents spawn on any cell: keep >= 3 cells per agent, alternately widen and lengthen
+        cells = lambda: ((kw["column_height"] + 1) * kw["shelf_rows"] + 2) * (3 * kw["shelf_columns"] + 1)
+        while cells() < 3 * num_agents:
+            if kw["shelf_columns"] <= 3 * kw["shelf_rows"]:
+                kw["shelf_columns"] += 2  # Jumanji wants an odd number of shelf columns
+            else:
+                kw["shelf_rows"] += 1
+    elif family == "smax":  # the smacv2 scenarios draw their units at random: N of them per side
+        if not kw["scenario"].startswith("smacv2"):
+            raise EnvError(
+                f"--num-agents: {env_id} is a fixed SMAC map ({kw['num_agents']} allies vs {kw['num_enemies']} "
+                "enemies); only the smax-smacv2_* scenarios take another count (N vs N)"
+            )
+        kw["num_enemies"] = num_agents
+    elif family == "lbf":  # crowded grids let the generator drop agents on food: >= 5 cells per entity
+        full_view = kw["fov"] == kw["grid_size"]
+        while kw["grid_size"] ** 2 < 5 * (num_agents + kw["num_food"]):
+            kw["grid_size"] += 1
+        kw["fov"] = kw["grid_size"] if full_view else kw["fov"]
+    else:  # Connector silently drops agents that do not fit: keep G^2 >= 5N, the time limit scales with G^2
+        grid = kw["grid_size"]
+        while kw["grid_size"] ** 2 < 5 * num_agents:
+            kw["grid_size"] += 1
+        time_limit = time_limit * kw["grid_size"] ** 2 // grid**2
+    return family, kw, time_limit
+
+
+class Env(NamedTuple):
+    """A Jumanji or SMAX multi-agent env seen the same way for every family (all methods are pure and jittable).
+    A SMAX state is (key, JaxMARL state): SMAX's step draws random numbers, our step takes no key."""
+
+    env: object
+    family: str
+    num_agents: int
+    obs_dim: int
+    action_dim: int
+    time_limit: int
+    agent_ids: bool  # whether observe appends the one-hot agent id
+
+    def observe(self, observation):
+        """Per-agent float observation (N, obs_dim), the one-hot agent id last if agent_ids."""
+        obs = self.observe_env(observation)
+        return jnp.concatenate([obs, jnp.eye(self.num_agents)], -1) if self.agent_ids else obs
+
+    def observe_env(self, observation):
+        if self.family == "smax":  # one vector per ally (plus "world_state", unused: see README)
+            return jnp.stack([observation[agent] for agent in self.env.agents]).astype(jnp.float32)
+        if self.family != "connector":
+            return observation.agents_view.astype(jnp.float32)
+        # Connector-v3 shares one (G, G) grid where agent i's path / position / target read 3i+1 / 3i+2 / 3i+3:
+        # agent i sees six planes: its own path / position / target, then everybody else's.
+        grid = observation.grid  # (G, G)
+        owner, kind = (grid - 1) // 3, (grid - 1) % 3
+        own = owner[None] == jnp.arange(self.num_agents)[:, None, None]  # (N, G, G)
+        planes = [(grid > 0) & (kind == k) & whose for whose in (own, ~own) for k in range(3)]
+        return jnp.stack(planes, -1).reshape(self.num_agents, -1).astype(jnp.float32)  # (N, 6 G^2)
+
+    def reset(self, key):
+        if self.family == "smax":
+            key, reset_key = jax.random.split(key)
+            obs, state = self.env.reset(reset_key)
+            return (key, state), self.observe(obs), self.smax_mask(state)
+        state, ts = self.env.reset(key)
+        return state, self.observe(ts.observation), ts.observation.action_mask
+
+    def smax_mask(self, state):
+        masks = self.env.get_avail_actions(state)  # ally -> (A,) uint8; dead allies may only stop
+        return jnp.stack([masks[agent] for agent in self.env.agents]).astype(bool)
+
+    def smax_step(self, state, actions):
+        # step_env, not JaxMARL's step: that one computes a reset on every step (our pool resets instead)
+        key, step_key = jax.random.split(state[0])
+        actions = dict(zip(self.env.agents, actions))
+        obs, state, rewards, _, _ = self.env.step_env(step_key, state[1], actions)
+        alive = state.state.unit_alive  # (allies + enemies,)
+        allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
+        # one side wiped out is a termination; the time limit otherwise ends the episode (a truncation). Counted
+        # here: JaxMARL's own done tests the step count before it adds the step, one step late (101 steps).
+        terminated = allies_dead | enemies_dead
+        truncated = (state.state.step >= self.time_limit) & ~terminated
+        won = enemies_dead & ~allies_dead  # as JaxMARL's win bonus: a draw is no win
+        reward = rewards[self.env.agents[0]]  # every ally gets the same team reward (tested): count it once
+        mask = self.smax_mask(state)
+        return (key, state), self.observe(obs), mask, reward, terminated, truncated, won.astype(jnp.float32)
+
+    def step(self, state, actions):
+        """-> state, obs (N, O), action mask (N, A), team reward, terminated, truncated, success figure."""
+        if self.family == "smax":
+            return self.smax_step(state, actions)
+        state, ts = self.env.step(state, actions)
+        obs = ts.observation
+        # Every family ends at its time limit with step_count == time_limit: that is a truncation (bootstrap),
+        # also for RWARE, which reports discount 0 there. Anything else that ends an episode is a termination.
+        truncated = ts.last() & (obs.step_count >= self.time_limit)
+        terminated = ts.last() & ~truncated
+        key = SUCCESS_KEY[self.family]
+        success = ts.extras[key].astype(jnp.float32) if key else jnp.float32(jnp.nan)
+        reward = jnp.sum(ts.reward)  # team reward: RWARE's is a scalar, LBF and Connector give one per agent
+        return state, self.observe(obs), obs.action_mask, reward, terminated, truncated, success
+
+    def animate(self, states, path):
+        """Host side: draws an episode (a list of unbatched states) into a GIF with the env's own renderer."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # off-screen
+        if self.family == "smax":
+            # JaxMARL's drawing of one SMAX state, once per env step (its visualiser also re-simulates and draws
+            # the 8 world ticks between steps, eagerly: minutes an episode)
+            import matplotlib.pyplot as plt
+            from matplotlib.animation import FuncAnimation
+
+            fig, ax = plt.subplots(figsize=(6, 5))
+            plt.close(fig)
+            smax = [s.state for _, s in states]
+            draw = lambda t: self.env.init_render(
+                ax, (None, smax[t], dict(zip(self.env.all_agents, smax[t].prev_attack_actions))), 0, t
+            )
+            animation = FuncAnimation(fig, draw, frames=len(states), interval=100)
+        else:
+            animation = self.env.animate(states, interval=100)  # 10 frames per second
+        # 300 px wide: matplotlib's time grows with the pixels
+        animation.save(path, writer="pillow", dpi=50 if self.family == "smax" else 30)
+
+
+def make_env(env_id, num_agents=None, agent_ids=False):
+    """The env of env_id with num_agents agents; agent_ids appends a one-hot id to each agent's observation, except
+    on Connector, whose observation already tells the agents apart (Mava's implicit_agent_id)."""
+    family, kw, time_limit = env_config(env_id, num_agents)
+    agent_ids = agent_ids and family != "connector"
+    # jaxmarl and jumanji here, not at the top: importing them starts XLA, which jax.distributed.initialize()
+    # must precede
+    if family == "smax":
+        import jaxmarl
+        from jaxmarl.environments.smax import Scenario, map_name_to_scenario
+
+        n = kw["num_agents"]
+        scenario = map_name_to_scenario(kw["scenario"])
+        if n != scenario.num_allies:  # smacv2 N vs N, as a Mava-based make_env defines smacv2_40..1280_units
+            scenario = Scenario(jnp.zeros(2 * n, jnp.uint8), n, n, True, True)
+        # Mava's SMAX settings (mava/configs/env/smax.yaml): the heuristic enemy attacks the closest unit
+        env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, max_steps=time_limit, see_enemy_actions=True,
+                           walls_cause_death=True, attack_mode="closest")  # fmt: skip
+        obs_dim, action_dim = env.observation_spaces["ally_0"].shape[0], env.action_spaces["ally_0"].n
+        return Env(env, family, n, obs_dim + n * agent_ids, action_dim, time_limit, agent_ids)
+    from jumanji.environments import Connector, LevelBasedForaging, RobotWarehouse
+    from jumanji.environments.routing.connector.generator import RandomWalkGenerator
+    from jumanji.environments.routing.lbf.generator import RandomGenerator as LBFGenerator
+    from jumanji.environments.routing.robot_warehouse.generator import RandomGenerator as RWAREGenerator
+
+    env_class, generator = {
+        "rware": (RobotWarehouse, RWAREGenerator),
+        "lbf": (LevelBasedForaging, LBFGenerator),
+        "connector": (Connector, RandomWalkGenerator),
+    }[family]
+    env = env_class(generator=generator(**kw), time_limit=time_limit)
+    num_agents, action_dim = env.action_spec.shape[0], int(env.action_spec.num_values[0])
+    obs_dim = 6 * kw["grid_size"] ** 2 if family == "connector" else env.observation_spec.agents_view.shape[1]
+    return Env(env, family, num_agents, obs_dim + num_agents * agent_ids, action_dim, time_limit, agent_ids)
+
+
+# ==========================================================================================================
+# Below the fold: plumbing, the same in mappo.py, mat_ppo.py and mam_ppo.py (devices and seeds, command line and
+# saved state, the run folder, main). Nothing below is needed to understand the algorithm.
+# ==========================================================================================================
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -882,19 +885,10 @@ def init_runners(args, env, network, tx, keys):
 
 
 def runner_shapes(args, env, network, tx, shardings):
-    """The runners' shapes, dtypes and shardings, computing nothing: enough to compile the update step and check
-    its memory before any state exists, and to read a checkpoint into."""
+    """The runners' shapes, dtypes and shardings, computing nothing: to compile, check memory, read a checkpoint."""
     shapes = jax.eval_shape(lambda: init_runners(args, env, network, tx, seed_keys(args)))
-    place = lambda sharding, tree: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
-    )
-    return jax.tree.map(place, shardings, shapes)  # each field's sharding on each of its leaves
-
-
-@jax.jit
-def params_finite(params):
-    """(K,) whether every param of each seed is finite."""
-    return jnp.stack([jnp.isfinite(x).reshape(x.shape[0], -1).all(1) for x in jax.tree.leaves(params)]).all(0)
+    place = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(lambda s, tree: jax.tree.map(lambda x: place(x, s), tree), shardings, shapes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -928,60 +922,61 @@ def check_args(args):
         fail(str(e))
     local = jax.local_device_count()
     if not 0 <= args.num_devices <= local:
-        fail(
-            f"--num-devices must be within [0, {local}] (0: all {local} local devices; got {args.num_devices})"
-        )
+        fail(f"--num-devices must be within [0, {local}] (0: all local devices; got {args.num_devices})")
     devices = (args.num_devices or local) * jax.process_count()
     if args.num_envs % devices:
         fail(f"--num-envs {args.num_envs} is not divisible by the {devices} devices it is split over")
 
 
-def check_video(env):
-    """--capture-video's bad cases, found at start-up rather than at the end of a long run."""
-    import matplotlib
-    from matplotlib import animation
-
-    matplotlib.use("Agg")  # draws off-screen, and from Run.record's thread
-    if not hasattr(env.env, "init_render" if env.family == "smax" else "animate"):  # SMAX: JaxMARL draws it
-        fail(f"--capture-video: the {env.family} envs have no renderer")
-    if not animation.writers.is_available("pillow"):
-        fail("--capture-video: matplotlib finds no GIF writer (pillow); pip install pillow")
+# runs saved before --agent-ids and --shuffle-agents existed ran without them
+PROTOCOL_OFF = dict(agent_ids=False, shuffle_agents=False)
 
 
-def read_checkpoint(args):
-    """--load-model: the saved model fixes the env and the network, the other flags (seed, eval_episodes...)
-    stay. -> args with the saved env and network, the params' raw state dict. Fails with one line if unreadable."""
+def saved_args(run_dir):
+    """The flags of the run in run_dir (its args.json), for --resume and --load-model."""
+    path = os.path.join(run_dir, "args.json")
+    try:
+        with open(path) as f:
+            return Args(**{**PROTOCOL_OFF, **json.load(f)})
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"cannot read the run's flags from {path} ({type(e).__name__}: {e})")
+
+
+def read_state(path, flag, key):
+    """A .msgpack file this script wrote (nested dicts of arrays), which holds key; one line if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            state = flax.serialization.msgpack_restore(f.read())
+        if key not in state:
+            raise KeyError(key)
+        return state
+    except Exception as e:  # missing or unreadable: say which, no traceback
+        fail(f"{flag}: cannot read {path} ({type(e).__name__}: {e})")
+
+
+def load_model(args):
+    """--load-model: args with the saved run's env and network (other flags stay), the params' state dict."""
     path = args.load_model
     model_path = os.path.join(path, "model.msgpack") if os.path.isdir(path) else path
-    args_path = os.path.join(os.path.dirname(model_path), "args.json")
     if not os.path.isfile(model_path):
         fail(f"--load-model: no such model file {model_path}")
-    try:
-        with open(args_path) as f:
-            saved = {**PROTOCOL_OFF, **json.load(f)}  # the saved run's flags
-        with open(model_path, "rb") as f:
-            state = flax.serialization.msgpack_restore(f.read())
-    except Exception as e:  # any unreadable file: say which, no traceback
-        fail(f"--load-model: cannot read {model_path} / {args_path}: {type(e).__name__}: {e}")
-    try:
-        args = replace(args, **{k: saved[k] for k in ("env_id", "num_agents", "agent_ids", *NETWORK_ARGS)})
-    except (KeyError, TypeError) as e:
-        fail(f"--load-model: args.json lacks {e}")
+    saved = saved_args(os.path.dirname(model_path))
+    args = replace(
+        args, **{k: getattr(saved, k) for k in ("env_id", "num_agents", "agent_ids", *NETWORK_ARGS)}
+    )
     check_args(args)  # again: the saved env and network replaced the flags'
-    return args, state
+    return args, read_state(model_path, "--load-model", "params")
 
 
 def load_params(network, env, state):
-    """Params (with their leading seed axis) from a checkpoint's state dict, checked against the network."""
+    """Params (with their leading seed axis) from a saved model's state dict, checked against the network."""
     try:
         num_seeds = jax.tree.leaves(state)[0].shape[0]
         init = jax.vmap(lambda key: init_params(network, key, env))
         template = jax.eval_shape(init, jax.random.split(jax.random.PRNGKey(0), num_seeds))
         params = flax.serialization.from_state_dict(template, state)
-        bad = []  # the paths of the leaves whose saved shape is not the network's
-        for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(params)):
-            if want.shape != got.shape:
-                bad.append(jax.tree_util.keystr(path))
+        pairs = zip(jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(params))
+        bad = [jax.tree_util.keystr(path) for (path, want), got in pairs if want.shape != got.shape]
     except Exception as e:
         fail(f"--load-model: the saved params do not fit this network ({type(e).__name__}: {e})")
     if bad:
@@ -994,40 +989,20 @@ RESUME_MAY_CHANGE = ("exp_name", "track", "wandb_project_name", "wandb_entity", 
                      "checkpoint_every", "num_devices", "total_timesteps", "capture_video")  # fmt: skip
 
 
-# runs saved before --agent-ids and --shuffle-agents existed ran without them
-PROTOCOL_OFF = dict(agent_ids=False, shuffle_agents=False)
-
-
-def saved_args(run_dir):
-    """The flags of the run in run_dir (its args.json)."""
-    path = os.path.join(run_dir, "args.json")
-    try:
-        with open(path) as f:
-            return Args(**{**PROTOCOL_OFF, **json.load(f)})
-    except (OSError, ValueError, TypeError) as e:
-        fail(f"--resume: cannot read the run's flags from {path} ({type(e).__name__}: {e})")
-
-
 def read_resume(args):
     """--resume RUN_DIR: the run's flags must be the saved ones, but for RESUME_MAY_CHANGE; a longer
-    --total-timesteps extends the run. -> args, the checkpoint (iteration, seconds, the runner's leaves)."""
+    --total-timesteps extends the run. -> the checkpoint (iteration, seconds, the runner's leaves)."""
     saved = saved_args(args.resume)
     changed = [f for f in vars(args) if f not in RESUME_MAY_CHANGE and getattr(args, f) != getattr(saved, f)]
     given = [f"--{f.replace('_', '-')} {getattr(args, f)} (run: {getattr(saved, f)})" for f in changed]
     if changed:
         fail(f"--resume: these flags would change what the run computes: {', '.join(given)}")
-    path = os.path.join(args.resume, "checkpoint.msgpack")
-    try:
-        with open(path, "rb") as f:
-            checkpoint = flax.serialization.msgpack_restore(f.read())
-        iteration = int(checkpoint["iteration"])
-    except Exception as e:  # missing or unreadable: say which, no traceback
-        fail(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}: {e})")
-    batch = args.num_envs * args.num_steps
+    checkpoint = read_state(os.path.join(args.resume, "checkpoint.msgpack"), "--resume", "iteration")
+    iteration, batch = int(checkpoint["iteration"]), args.num_envs * args.num_steps
     if args.total_timesteps // batch <= iteration:
         fail(f"--resume: the run has done its {iteration} iterations ({iteration * batch} steps); to go on, "
              f"give a larger --total-timesteps")  # fmt: skip
-    return args, checkpoint
+    return checkpoint
 
 
 def restore_runners(checkpoint, shapes):
@@ -1041,7 +1016,7 @@ def restore_runners(checkpoint, shapes):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The run: its folder and logs, checkpoints, ways to stop
+# The run folder: metrics, checkpoints, videos, wandb, ways to stop
 # ----------------------------------------------------------------------------------------------------------
 def memory_hint(args):
     """What to change when the update step does not fit in memory."""
@@ -1051,28 +1026,24 @@ def memory_hint(args):
 
 
 def check_memory(compiled, mesh, args):
-    """Fail before the first update if the compiled update step needs more memory than there is: XLA's count of
-    its arguments, outputs and scratch buffers, per device, against free host RAM on a CPU (shared by every CPU
-    device) or the free memory of an accelerator."""
-    stats = compiled.memory_analysis()
+    """Fail before the first update if the compiled update step (XLA's count of its arguments, outputs and
+    scratch) needs more than the host RAM available on a CPU or the free memory of an accelerator. On a CPU the
+    RESOURCE_EXHAUSTED fallback is not enough: Linux grants more than is free, then its OOM killer ends a process."""
+    stats, device = compiled.memory_analysis(), jax.local_devices()[0]
     if stats is None:
         return
-    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    need = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-    need += stats.temp_size_in_bytes
-    if devices[0].platform == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        except (OSError, StopIteration):
-            return  # not Linux: no check
-        need, what = need * len(devices), "host RAM available"
+    memory = {} if device.platform == "cpu" else device.memory_stats() or {}
+    if device.platform == "cpu" and os.path.exists("/proc/meminfo"):  # Linux
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        devices, what = mesh.size // jax.process_count(), "host RAM available"  # its CPU devices share it
+    elif "bytes_limit" in memory:
+        free, devices = memory["bytes_limit"] - memory.get("bytes_in_use", 0), 1
+        what = f"free on {device.device_kind}"
     else:
-        memory = devices[0].memory_stats() or {}
-        if "bytes_limit" not in memory:
-            return
-        free = memory["bytes_limit"] - memory.get("bytes_in_use", 0)
-        what = f"free on {devices[0].device_kind}"
+        return
+    need = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+    need = devices * (need + stats.temp_size_in_bytes)
     if need > free:
         fail(f"out of memory: the update step needs {need / 1e9:.1f} GB, {what}: {free / 1e9:.1f} GB; "
              f"{memory_hint(args)}")  # fmt: skip
@@ -1098,10 +1069,38 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def start_wandb(args, run_name, run_dir):
+    """--track: a wandb run of the same name (resumed with the run); offline when wandb has no login."""
+    import wandb
+
+    if not os.environ.get("WANDB_MODE") and not wandb.api.api_key:
+        print("wandb: no login found, logging offline (sync later with `wandb sync`)")
+        os.environ["WANDB_MODE"] = "offline"
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                      name=run_name, id=run_name, resume="allow", dir=run_dir, save_code=True)  # fmt: skip
+
+
+def make_run_dir(args, resume):
+    """runs/{run_name}, new; or, resuming, the run's own folder, no longer complete or stopped. -> it, run_name."""
+    if resume:
+        for name in ("summary.json", "stopped.json"):
+            if os.path.exists(os.path.join(args.resume, name)):
+                os.remove(os.path.join(args.resume, name))
+        return args.resume, os.path.basename(os.path.normpath(args.resume))
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if jax.process_count() > 1:  # every host logs the same numbers; keep their folders apart
+        run_name += f"__p{jax.process_index()}"
+    run_dir = os.path.join("runs", run_name)
+    while os.path.exists(run_dir):
+        run_dir += "_"
+    os.makedirs(run_dir)
+    return run_dir, run_name
+
+
 class Run:
     """The run's folder runs/{run_name}/: args.json, metrics.csv (deterministic numbers, one row per iteration and
-    seed), timing.csv (SPS), checkpoint.msgpack, the saved model, and, last, summary.json for a complete run or
-    stopped.json for one that stopped early (interrupted, diverged, out of memory); with --track, wandb."""
+    seed), timing.csv (SPS), checkpoint.msgpack, the saved model, videos/, and, last, summary.json for a complete
+    run or stopped.json for one that stopped early (interrupted, diverged, out of memory); with --track, wandb."""
 
     COLUMNS = ["iteration", "seed", "global_step", "charts/episodic_return", "charts/episodic_length",
                "charts/success", "charts/episodes", "charts/learning_rate", "losses/value_loss",
@@ -1109,48 +1108,20 @@ class Run:
                "eval/episodic_return", "eval/episodic_length", "eval/success"]  # fmt: skip
 
     def __init__(self, args, env, checkpoint=None):
-        default_kwargs, env_kwargs = ENVS[args.env_id][1], env_config(args.env_id, args.num_agents)[1]
-        if env_kwargs != default_kwargs:
-            changed = {k: v for k, v in env_kwargs.items() if default_kwargs[k] != v}
-            print(f"{args.env_id} with {args.num_agents} agents: generator resized to {changed}")
-        self.args, self.env, self.wandb = args, env, None
-        self.video, self.unlogged_videos = None, []  # the drawing thread; GIFs not yet sent to wandb
+        self.args, self.env, self.videos = args, env, []  # videos: GIFs not yet sent to wandb
         self.checkpoint_iteration = checkpoint and int(checkpoint["iteration"])  # the last one written
-        self.first_iteration = (self.checkpoint_iteration or 0) + 1
-        if checkpoint is None:
-            run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            if jax.process_count() > 1:  # every host logs the same numbers; keep their folders apart
-                run_name += f"__p{jax.process_index()}"
-            self.dir = os.path.join("runs", run_name)
-            while os.path.exists(self.dir):
-                self.dir += "_"
-            os.makedirs(self.dir)
-        else:  # the run goes on in its folder: no longer complete, or stopped
-            self.dir = args.resume
-            run_name = os.path.basename(os.path.normpath(self.dir))
-            for name in ("summary.json", "stopped.json"):
-                if os.path.exists(os.path.join(self.dir, name)):
-                    os.remove(os.path.join(self.dir, name))
+        self.dir, run_name = make_run_dir(args, resume=checkpoint is not None)
         write_atomic(os.path.join(self.dir, "args.json"), json.dumps(asdict(args), indent=2).encode())
         self.metrics = self.open_csv("metrics.csv", ",".join(self.COLUMNS) + "\r\n")
         self.writer = csv.DictWriter(self.metrics, self.COLUMNS)
         self.timing = self.open_csv("timing.csv", "iteration,global_step,SPS,seconds\n")
-        if args.track:
-            import wandb
-
-            if not os.environ.get("WANDB_MODE") and not wandb.api.api_key:
-                print("wandb: no login found, logging offline (sync later with `wandb sync`)")
-                os.environ["WANDB_MODE"] = "offline"
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
-                                    config=asdict(args), name=run_name, id=run_name, resume="allow",
-                                    dir=self.dir, save_code=True)  # fmt: skip
+        self.wandb = start_wandb(args, run_name, self.dir) if args.track else None
         sizes = f"{env.num_agents} agents, obs {env.obs_dim}, actions {env.action_dim}"
         resumed = f", resumed after iteration {self.checkpoint_iteration}" if checkpoint else ""
         print(f"run: {self.dir}  env: {args.env_id} ({sizes}){resumed}")
 
     def open_csv(self, name, header):
-        """A new file with its header; resuming, the old one cut back to the checkpoint (the rows after it are
-        computed again)."""
+        """A new file with its header; resuming, the old one cut back to the checkpoint (later rows are redone)."""
         path, lines = os.path.join(self.dir, name), [header]
         if self.checkpoint_iteration is not None:
             with open(path, newline="") as f:
@@ -1177,108 +1148,65 @@ class Run:
                     data.update({f"seed{self.args.seed + k}/{name}": float(v[k]) for k in range(len(v))})
             if sps is not None:
                 data["charts/SPS"] = sps
-            # the GIFs whose drawing has finished, as one list (there can be two when drawing is slow)
-            drawing = self.video is not None and self.video.is_alive()
-            done = self.unlogged_videos[:-1] if drawing else self.unlogged_videos
-            if done:
-                import wandb
+            if self.videos:  # the GIFs drawn since the last log
+                from wandb import Video
 
                 data["videos/eval"] = [
-                    wandb.Video(gif, caption=os.path.basename(gif), format="gif") for gif in done
+                    Video(g, caption=os.path.basename(g), format="gif") for g in self.videos
                 ]
-                self.unlogged_videos = self.unlogged_videos[len(done) :]
+                self.videos = []
             self.wandb.log(data, step=global_step)
 
-    def record(self, video, iteration):
-        """--capture-video: draws seed 0's recorded evaluation episode into videos/iter_{iteration}.gif with the
-        env's own renderer. matplotlib takes ~60 ms a frame on a CPU (30 s for a 500-step RWARE episode), so it
-        draws in a thread while training goes on, one recording at a time; finish() waits for the last."""
-        if video is None:
-            return
-        self.wait_for_video()
-        states, length = jax.tree.map(lambda x: np.asarray(x[0]), video)  # seed 0, on the host
-        frames = [jax.tree.map(lambda x: x[t], states) for t in range(int(length) + 1)]
-        os.makedirs(os.path.join(self.dir, "videos"), exist_ok=True)
-        path = os.path.join(self.dir, "videos", f"iter_{iteration}.gif")
-        self.video = threading.Thread(target=self.draw, args=(frames, path))
-        self.video.start()
-        self.unlogged_videos.append(path)
+    def save(self, runners, iteration, seconds, stopping):
+        """The one place that writes state: --save-model's params every tenth of the run; --checkpoint-every's whole
+        training state (params, optimizer state, env states, episode counters, keys), and at the end or a stop."""
+        args = self.args
+        num_iterations = args.total_timesteps // (args.num_envs * args.num_steps)
+        last = iteration == num_iterations
+        if args.save_model and (iteration % max(1, num_iterations // 10) == 0 or last):
+            params = flax.serialization.to_bytes(runners.train_state.params)
+            write_atomic(os.path.join(self.dir, "model.msgpack"), params)
+        every = args.checkpoint_every
+        if every and (iteration % every == 0 or last or stopping) and jax.process_count() == 1:
+            leaves = {str(i): x for i, x in enumerate(jax.device_get(jax.tree.leaves(runners)))}
+            state = flax.serialization.msgpack_serialize(
+                dict(iteration=iteration, seconds=seconds, leaves=leaves)
+            )
+            write_atomic(os.path.join(self.dir, "checkpoint.msgpack"), state)
+            self.checkpoint_iteration = iteration
 
-    def draw(self, frames, path):
-        try:
-            self.env.animate(frames, path)
-        except Exception as e:  # a failed drawing loses one GIF, not the run
-            print(f"warning: --capture-video could not draw {path}: {type(e).__name__}: {e}", file=sys.stderr)
-            self.unlogged_videos.remove(path)
-
-    def wait_for_video(self):
-        if self.video is not None:
-            self.video.join()
-
-    def save_model(self, params):
-        write_atomic(os.path.join(self.dir, "model.msgpack"), flax.serialization.to_bytes(params))
-
-    def checkpoint(self, runners, iteration, seconds):
-        """The whole training state (params, optimizer state with the schedule's step count, env states, episode
-        counters, keys), leaf by leaf, and the iteration it ends. Single-process runs only."""
-        if jax.process_count() > 1:
-            return
-        leaves = {str(i): x for i, x in enumerate(jax.device_get(jax.tree.leaves(runners)))}
-        state = dict(iteration=iteration, seconds=seconds, leaves=leaves)
-        path = os.path.join(self.dir, "checkpoint.msgpack")
-        write_atomic(path, flax.serialization.msgpack_serialize(state))
-        self.checkpoint_iteration = iteration
-
-    def checkpoint_or_stop(self, runners, iteration, seconds, last, signum):
-        """Checkpoint every --checkpoint-every iterations, after the last one and when a signal asks to stop; then
-        stop if it did (unless the run is at its end anyway)."""
-        every = self.args.checkpoint_every
-        if every and (iteration % every == 0 or last or signum):
-            self.checkpoint(runners, iteration, seconds)
-        if signum and not last:
-            how = f"resume with: python {sys.argv[0]} --resume {self.dir}" if every else "no checkpoint (off)"
-            self.stop(128 + signum, f"interrupted after iteration {iteration}; {how}", reason="interrupted")
-
-    def stop_if_diverged(self, iteration, metrics, params_ok):
-        """A loss or a param that is not finite stops the run before that iteration is logged or checkpointed:
-        the checkpoint on disk stays the last finite state."""
-        checks = {name: np.isfinite(v) for name, v in metrics.items() if name.startswith("losses/")}
-        for name, ok in {**checks, "params": params_ok}.items():
-            if not np.all(ok):
-                seed = self.args.seed + int(np.argmin(ok))
-                last = self.checkpoint_iteration
-                kept = f"kept the checkpoint of iteration {last}" if last else "no checkpoint was written"
-                message = f"error: diverged at iteration {iteration}: {name} of seed {seed} is not finite"
-                self.stop(1, f"{message}; {kept}", reason="diverged")
-
-    def stop_if_out_of_memory(self, error):
-        """The fallback of check_memory: XLA ran out of memory while running."""
-        if "RESOURCE_EXHAUSTED" not in str(error):
-            raise error
-        message = f"error: out of memory ({str(error).splitlines()[0][:200]}); {memory_hint(self.args)}"
-        self.stop(1, message, reason="out of memory")
-
-    def close(self):
+    def end(self, results=None, exit_code=0, message="", **status):
+        """The one place that ends a run: summary.json (the final results), or stopped.json, message and exit."""
         self.metrics.close()
         self.timing.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if results is None:
+            status = dict(message=message, checkpoint_iteration=self.checkpoint_iteration, **status)
+        else:
+            status = {**{k: np.asarray(v).tolist() for k, v in results.items()}, **status}
+        write_atomic(os.path.join(self.dir, "stopped.json" if results is None else "summary.json"),
+                     json.dumps(status, indent=2).encode())  # fmt: skip
+        if results is None:
+            print(message, file=sys.stderr, flush=True)
+            sys.exit(exit_code)
 
-    def finish(self, results, iteration, step, **summary):
-        """Logs the final evaluation, then writes summary.json, last: it marks a complete run."""
-        self.wait_for_video()
-        self.log(iteration, step, results)
-        self.close()
-        with open(os.path.join(self.dir, "summary.json"), "w") as f:
-            json.dump({**{k: np.asarray(v).tolist() for k, v in results.items()}, **summary}, f, indent=2)
+    def stop_if_diverged(self, iteration, metrics):
+        """A loss or param not finite stops the run before logging or checkpointing: the last checkpoint is finite."""
+        checks = {name: np.isfinite(v) for name, v in metrics.items() if name.startswith("losses/")}
+        for name, ok in {**checks, "params": metrics.pop("params_finite")}.items():
+            if not np.all(ok):
+                seed, last = self.args.seed + int(np.argmin(ok)), self.checkpoint_iteration
+                kept = f"kept the checkpoint of iteration {last}" if last else "no checkpoint was written"
+                message = f"error: diverged at iteration {iteration}: {name} of seed {seed} is not finite"
+                self.end(None, 1, f"{message}; {kept}", reason="diverged")
 
-    def stop(self, exit_code, message, **status):
-        """Ends a run that did not complete: stopped.json says why, and the message is the last line printed."""
-        self.close()
-        status = dict(message=message, checkpoint_iteration=self.checkpoint_iteration, **status)
-        write_atomic(os.path.join(self.dir, "stopped.json"), json.dumps(status, indent=2).encode())
-        print(message, file=sys.stderr, flush=True)
-        sys.exit(exit_code)
+    def stop_if_out_of_memory(self, error):
+        """The fallback of check_memory: XLA ran out of memory while running (XLA:CPU says so in an INTERNAL error)."""
+        if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
+            raise error
+        message = f"error: out of memory ({str(error).splitlines()[0][:200]}); {memory_hint(self.args)}"
+        self.end(None, 1, message, reason="out of memory")
 
 
 def write_atomic(path, data):
@@ -1306,46 +1234,34 @@ def init_distributed():
         try:
             num, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
         except (KeyError, ValueError):
-            fail(
-                "JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be set too (integers)"
-            )
+            fail("JAX_COORDINATOR_ADDRESS is set: so must JAX_NUM_PROCESSES and JAX_PROCESS_ID be (integers)")
         jax.distributed.initialize(num_processes=num, process_id=index)
     elif int(os.environ.get("SLURM_NTASKS", 1)) > 1:
         jax.distributed.initialize()
 
 
 def evaluate_and_record(args, evaluate, params, run, iteration, final=False):
-    """Evaluates every seed's params, and records a video with --capture-video. Every evaluation has keys of its
-    own (seed_keys): the one after iteration i, or the final one (final=True), which a loaded model uses too, so
-    that it repeats the final evaluation of its run."""
+    """Evaluates every seed's params with keys of its own (seed_keys): the evaluation after iteration i, or the
+    final one (final=True), which a loaded model uses too, so that it repeats the final evaluation of its run.
+    --capture-video: draws seed 0's recorded episode into videos/iter_{iteration}.gif with the env's renderer
+    (matplotlib: ~60 ms a frame on a CPU, 30 s for a 500-step RWARE episode)."""
     keys = seed_keys(args, FINAL_EVAL if final else 1000 * iteration)
     results, video = jax.device_get(evaluate(params, keys))
-    run.record(video, iteration)
-    return results
-
-
-def evaluate_model(args):
-    """--load-model: evaluate a saved model over all its seeds, no training, with the keys of the final
-    evaluation of training: the same --seed gives the numbers its run ended with."""
-    args, state = read_checkpoint(args)
-    env = make_env(args.env_id, args.num_agents, args.agent_ids)
-    if args.capture_video:
-        check_video(env)
-    network = build_network(args, env)
-    params = load_params(network, env, state)
-    args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
-    evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
-    run = Run(args, env)
-    results = evaluate_and_record(args, evaluate, params, run, 0, final=True)
-    returns = results["eval/episodic_return"]
-    print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
-    run.finish(results, 0, 0)
+    if video is not None:
+        states, length = jax.tree.map(lambda x: np.asarray(x[0]), video)  # seed 0, on the host
+        frames = [jax.tree.map(lambda x: x[t], states) for t in range(int(length) + 1)]
+        os.makedirs(os.path.join(run.dir, "videos"), exist_ok=True)
+        path = os.path.join(run.dir, "videos", f"iter_{iteration}.gif")
+        try:
+            run.env.animate(frames, path)
+            run.videos.append(path)
+        except Exception as e:  # a failed drawing loses one GIF, not the run
+            print(f"warning: --capture-video could not draw {path}: {type(e).__name__}: {e}", file=sys.stderr)
     return results
 
 
 def compile_steps(args, env, network, tx, mesh):
-    """The update step and the evaluation, compiled from the runners' shapes (compiled here, not inside the timed
-    loop), with the memory check in between: nothing is computed before it. -> update, evaluate, shapes."""
+    """The update step and the evaluation compiled from shapes, before any state exists (and outside the timing)."""
     shardings = runner_shardings(mesh)
     shapes = runner_shapes(args, env, network, tx, shardings)
     update_step = over_seeds(make_update_step(args, env, network, mesh))
@@ -1362,24 +1278,13 @@ def compile_steps(args, env, network, tx, mesh):
     return update, evaluate, shapes
 
 
-def main(args):
-    init_distributed()
-    check_args(args)
-    if args.load_model is not None:
-        return evaluate_model(args)
-    checkpoint = None
-    if args.resume is not None:
-        args, checkpoint = read_resume(args)
-    env = make_env(args.env_id, args.num_agents, args.agent_ids)
-    if args.capture_video:
-        check_video(env)
-    network = build_network(args, env)
+def train(args, env, network, checkpoint=None):
+    """Trains from scratch, or from a checkpoint (--resume), then evaluates; logs every iteration."""
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     tx, learning_rate = make_optimizer(args, num_iterations)
     mesh = make_mesh(args)
     update, evaluate, shapes = compile_steps(args, env, network, tx, mesh)
-
     run, stop = Run(args, env, checkpoint), StopSignal()
     try:
         if checkpoint is None:
@@ -1388,13 +1293,13 @@ def main(args):
         else:
             runners, seconds = restore_runners(checkpoint, shapes), checkpoint["seconds"]
         start = time.time() - seconds  # a resumed run's SPS counts the time of its earlier parts
-        for iteration in range(run.first_iteration, num_iterations + 1):
+        for iteration in range((run.checkpoint_iteration or 0) + 1, num_iterations + 1):
             runners, metrics = update(runners)
-            # the one host sync per iteration: the numbers we log, and whether the params are still finite
-            metrics, params_ok = jax.device_get((metrics, params_finite(runners.train_state.params)))
-            run.stop_if_diverged(iteration, metrics, params_ok)
+            metrics = jax.device_get(metrics)  # the one host sync per iteration
+            run.stop_if_diverged(iteration, metrics)
             global_step, seconds = iteration * batch_size, time.time() - start
             sps, last = args.num_seeds * global_step / seconds, iteration == num_iterations
+            signum = stop.signum  # read once: save and stop agree
             metrics["charts/learning_rate"] = np.full(args.num_seeds, learning_rate(iteration))
             line = f"iter {iteration}/{num_iterations} global_step={global_step}"
             line += f" episodic_return={format_mean(metrics['charts/episodic_return'])}"
@@ -1404,22 +1309,52 @@ def main(args):
                 line += f" eval/episodic_return={format_mean(metrics['eval/episodic_return'])}"
             print(f"{line} SPS={sps:.0f}", flush=True)
             run.log(iteration, global_step, metrics, sps, seconds)
-            if args.save_model and (iteration % max(1, num_iterations // 10) == 0 or last):
-                run.save_model(runners.train_state.params)
-            run.checkpoint_or_stop(runners, iteration, seconds, last, stop.signum)
+            run.save(runners, iteration, seconds, signum)
+            if signum and not last:
+                how = f"resume with: python {sys.argv[0]} --resume {run.dir}" if args.checkpoint_every else ""
+                message = f"interrupted after iteration {iteration}; {how or 'no checkpoint (off)'}"
+                run.end(None, 128 + signum, message, reason="interrupted")
         params = runners.train_state.params
         results = evaluate_and_record(args, evaluate, params, run, num_iterations, final=True)
     except jax.errors.JaxRuntimeError as e:
         run.stop_if_out_of_memory(e)
     finally:
         stop.restore()
-    summary = dict(global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
-    run.finish(results, num_iterations, num_iterations * batch_size, **summary)
+    run.log(num_iterations, num_iterations * batch_size, results)
+    run.end(results, global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
     trained = format_mean(metrics["charts/episodic_return"])
     evaluated = format_mean(results["eval/episodic_return"])
     how = f"{'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed"
     print(f"trained: episodic_return={trained} (sampled actions, last iteration), "
           f"eval/episodic_return={evaluated} ({how})")  # fmt: skip
+    return results
+
+
+def main(args):
+    init_distributed()
+    check_args(args)
+    checkpoint = state = None
+    if args.load_model is not None:
+        args, state = load_model(args)
+    elif args.resume is not None:
+        checkpoint = read_resume(args)
+    env = make_env(args.env_id, args.num_agents, args.agent_ids)
+    default_kwargs, env_kwargs = ENVS[args.env_id][1], env_config(args.env_id, args.num_agents)[1]
+    if env_kwargs != default_kwargs:
+        changed = {k: v for k, v in env_kwargs.items() if default_kwargs[k] != v}
+        print(f"{args.env_id} with {args.num_agents} agents: generator resized to {changed}")
+    network = build_network(args, env)
+    if state is None:
+        return train(args, env, network, checkpoint)
+    # --load-model: every seed of the saved model, evaluated with its run's final-evaluation keys; no training
+    params = load_params(network, env, state)
+    args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
+    evaluate, run = jax.jit(over_seeds(make_evaluate(args, env, network))), Run(args, env)
+    results = evaluate_and_record(args, evaluate, params, run, 0, final=True)
+    returns = results["eval/episodic_return"]
+    print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
+    run.log(0, 0, results)
+    run.end(results)
     return results
 
 

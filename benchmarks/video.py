@@ -2,7 +2,7 @@
 
 Per env: one script's evaluation (args.eval_episodes envs, untrained params) is compiled with and without the
 recording and timed alternately; then the recorded episode of env 0 is drawn into a GIF with the env's own
-renderer (what Run.record does, here in the foreground). Prints and saves a CSV.
+renderer (what evaluate_and_record does). Prints and saves a CSV.
 
     python benchmarks/video.py
     python benchmarks/video.py --script mam_ppo --env-ids rware-tiny-2ag --repeats 5
@@ -43,7 +43,6 @@ def main():
     rows = []
     for env_id in cli.env_ids:
         env = module.make_env(env_id)
-        module.check_video(env)
         args = replace(module.Args(), env_id=env_id)
         network = module.build_network(args, env)
         params = jax.tree.map(lambda x: x[None], module.init_params(network, jax.random.PRNGKey(0), env))

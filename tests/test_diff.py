@@ -66,3 +66,15 @@ def test_the_test_can_fail(name, tmp_path):
     skel, *_ = definitions(tmp_path / name)
     original, *_ = definitions(ROOT / name)
     assert skel["compute_gae"] != original["compute_gae"]
+
+
+SECTIONS = ["\nclass Args:", NETWORK, PPO, "\n# Environment\n", "\n# Below the fold:", "\n# Devices and seeds\n",
+            "\n# Command line and saved state\n", "\n# The run folder", "\n# Main:", "\ndef main("]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["mappo.py", "mat_ppo.py", "mam_ppo.py"])
+def test_the_algorithm_comes_first_and_the_plumbing_below_one_fold(name):
+    source = (ROOT / name).read_text()
+    assert all(source.count(mark) == 1 for mark in SECTIONS), [m for m in SECTIONS if source.count(m) != 1]
+    where = [source.index(mark) for mark in SECTIONS]
+    assert where == sorted(where), "sections out of order"

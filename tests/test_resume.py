@@ -121,27 +121,21 @@ def test_resume_refuses_other_flags_and_extends(run_script, tmp_path):
 
 
 def test_divergence_stops_and_keeps_the_last_finite_checkpoint(monkeypatch, tmp_path, capsys):
-    """An injected NaN in the params after the second iteration, in-process: the run stops at the third."""
+    """An injected NaN in the params by the third iteration's update, in-process: the run stops at the third."""
     import jax
     import jax.numpy as jnp
 
     import mappo
 
-    make_update_step = mappo.make_update_step
+    ppo_update = mappo.ppo_update
 
-    def poisoned(args, env, network, mesh=None):
-        update_step = make_update_step(args, env, network, mesh)
+    def poisoned(args, network, train_state, data, key, mesh=None):
+        train_state, info = ppo_update(args, network, train_state, data, key, mesh)
+        third = train_state.step > 2 * args.update_epochs * args.num_minibatches
+        params = jax.tree.map(lambda p: jnp.where(third, jnp.nan, p), train_state.params)
+        return train_state.replace(params=params), info
 
-        def step(runner):
-            runner, metrics = update_step(runner)
-            train_state = runner.train_state
-            third = train_state.step > 2 * args.update_epochs * args.num_minibatches
-            params = jax.tree.map(lambda p: jnp.where(third, jnp.nan, p), train_state.params)
-            return runner._replace(train_state=train_state.replace(params=params)), metrics
-
-        return step
-
-    monkeypatch.setattr(mappo, "make_update_step", poisoned)
+    monkeypatch.setattr(mappo, "ppo_update", poisoned)
     monkeypatch.chdir(tmp_path)
     args = mappo.Args(env_id="lbf-8x8-2p-2f-coop", num_envs=4, num_steps=8, update_epochs=1, eval_episodes=2,
                       total_timesteps=32 * 5, checkpoint_every=1)  # fmt: skip
