@@ -40,6 +40,17 @@ machines reports all of them (the aggregate included). It writes to --out-dir:
     python benchmarks/learning.py --env-ids rware-tiny-2ag --algos mappo mat
     python benchmarks/learning.py --env-ids lbf-8x8-2p-2f-coop --budget lbf-8x8-2p-2f-coop=200000
     python benchmarks/learning.py --report-only --smooth 5
+
+The protocol study (--study protocol, results in benchmarks/results/protocol/, files protocol_*.csv): does MAM
+trail MAT because of our training protocol? The paper's code appends one-hot agent ids to the observations and
+permutes the agents of the training batch each epoch (mat_ppo.py / mam_ppo.py --agent-ids, --shuffle-agents).
+Each task of PROTOCOL trains the variants listed there: a variant is ALGO_idsI_shuffleS, the script run with
+--agent-ids I and --shuffle-agents S (0 off, 1 on), exp name protocol_{variant}. Rows carry the variant in
+`algo` and the flags the run really had (its args.json) in `agent_ids` and `shuffle_agents`; every row of the
+learning study carries them too (runs made before the flags existed had both off).
+
+    python benchmarks/learning.py --study protocol --env-ids con-10x10x10a --algos mam
+    python benchmarks/learning.py --study protocol --report-only
 """
 
 import argparse
@@ -65,6 +76,15 @@ TASKS = {
     "con-10x10x10a": (1_000_000, "steps", 3),
     "con-15x15x23a": (1200, "seconds", 2),
 }
+# env_id: (budget per seed, unit, seeds, variants). con-10x10x10a is where MAM trails MAT most (the study): the
+# shuffle screened at 500k steps (Connector's observation names the agent, so no ids there, as in the paper's
+# code); lbf-2s-10x10-3p-3f: the new defaults (ids and shuffle on) at the study's budget, against its rows.
+PROTOCOL = {
+    "con-10x10x10a": (500_000, "steps", 3, ["mam_ids0_shuffle1", "mam_ids0_shuffle0", "mat_ids0_shuffle1",
+                                            "mat_ids0_shuffle0"]),
+    "lbf-2s-10x10-3p-3f": (1_000_000, "steps", 3, ["mam_ids1_shuffle1", "mat_ids1_shuffle1"]),
+}  # fmt: skip
+PROTOCOL_FLAGS = ("agent_ids", "shuffle_agents")  # Args fields of mat_ppo.py and mam_ppo.py
 CALIBRATION_ITERATIONS = 8
 STOP = []  # the signal that asked the study to stop, if any
 r4 = lambda x: round(float(x), 4)
@@ -73,6 +93,29 @@ r4 = lambda x: round(float(x), 4)
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def algo_of(variant):
+    """'mam_ids0_shuffle1' -> 'mam'; a plain algo is its own variant."""
+    return variant.split("_")[0]
+
+
+def variant_flags(variant):
+    """'mam_ids0_shuffle1' -> ['--no-agent-ids', '--shuffle-agents']; a plain algo runs with its defaults."""
+    flags = []
+    for part in variant.split("_")[1:]:
+        name, value = part.rstrip("01"), part[-1]
+        flag = {"ids": "agent-ids", "shuffle": "shuffle-agents"}[name]
+        flags.append(f"--{flag}" if value == "1" else f"--no-{flag}")
+    return flags
+
+
+def protocol_of(args, algo):
+    """The protocol flags a run had, from its args.json (missing in runs made before they existed: off). MAPPO
+    has none (its actor always sees the agent id): ''."""
+    if algo == "mappo":
+        return {f: "" for f in PROTOCOL_FLAGS}
+    return {f: bool(args.get(f, False)) for f in PROTOCOL_FLAGS}
 
 
 def script_defaults(script):
@@ -142,20 +185,21 @@ def launch(opts, cmd, log_path, append=False):
     return proc.returncode, run_dir
 
 
-def command(opts, algo, flags):
+def command(opts, variant, flags):
     flags = {
         "--seed": opts.seed,
-        "--exp-name": f"learning_{algo}",
+        "--exp-name": f"{opts.study}_{variant}",
         "--eval-episodes": opts.eval_episodes,
         **flags,
     }
-    return [sys.executable, os.path.join(ROOT, SCRIPTS[algo]), *(str(x) for kv in flags.items() for x in kv)]
+    script = os.path.join(ROOT, SCRIPTS[algo_of(variant)])
+    return [sys.executable, script, *(str(x) for kv in flags.items() for x in kv), *variant_flags(variant)]
 
 
 def steps_per_second(opts, env_id, algo, num_seeds, measure=False):
     """Env steps per second and seed of (task, algo) after compiling, from learning_calibration.csv; missing
     with measure=True: measured now by a calibration run of CALIBRATION_ITERATIONS iterations. -> float or None."""
-    path = os.path.join(opts.out_dir, "learning_calibration.csv")
+    path = os.path.join(opts.out_dir, f"{opts.study}_calibration.csv")
     rows = read_csv(path)
     key = dict(env_id=env_id, algo=algo, num_seeds=str(num_seeds))
     for row in rows:
@@ -183,7 +227,7 @@ def steps_per_second(opts, env_id, algo, num_seeds, measure=False):
 def budget_steps(opts, env_id, algo, measure=False):
     """Env steps per seed of (task, algo): the step budget, or the steps that fill a seconds budget (None when
     that algorithm's speed is not known)."""
-    budget, unit, seeds = opts.tasks[env_id]
+    budget, unit, seeds, _ = opts.tasks[env_id]
     if unit == "steps":
         return budget
     rate = steps_per_second(opts, env_id, algo, seeds, measure)
@@ -195,16 +239,17 @@ def run_all(opts):
     failed = []
     os.makedirs(os.path.join(opts.runs_dir, "learning_logs"), exist_ok=True)
     for env_id in opts.env_ids:
-        budget, unit, seeds = opts.tasks[env_id]
-        for algo in opts.algos:
+        budget, unit, seeds, algos = opts.tasks[env_id]
+        for algo in algos:  # a variant: algo, or algo_idsI_shuffleS (--study protocol)
             if STOP:
                 return failed
             steps = budget_steps(opts, env_id, algo, measure=True)
             if steps is None:
                 failed.append(f"{env_id}/{algo} (calibration)")
                 continue
-            run_dir, complete = find_run(opts.runs_dir, f"learning_{algo}", env_id, opts.seed, steps, seeds)
-            log = os.path.join(opts.runs_dir, "learning_logs", f"{env_id}__learning_{algo}.log")
+            exp_name = f"{opts.study}_{algo}"
+            run_dir, complete = find_run(opts.runs_dir, exp_name, env_id, opts.seed, steps, seeds)
+            log = os.path.join(opts.runs_dir, "learning_logs", f"{env_id}__{exp_name}.log")
             if complete and not opts.force:
                 print(f"skip {env_id} / {algo}: complete run {os.path.relpath(run_dir, ROOT)}")
                 continue
@@ -240,7 +285,8 @@ def run_all(opts):
 # Report
 # ----------------------------------------------------------------------------------------------------------
 def read_run(run_dir):
-    """-> (summary or None, {seed: [(global_step, return)]}, {global_step: seconds})."""
+    """-> (summary or None, {seed: [(global_step, return)]}, {global_step: seconds}, args)."""
+    args = json.load(open(os.path.join(run_dir, "args.json")))
     summary_path = os.path.join(run_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else None
     seeds = {}
@@ -252,7 +298,7 @@ def read_run(run_dir):
     seconds = {
         int(r["global_step"]): float(r["seconds"]) for r in read_csv(os.path.join(run_dir, "timing.csv"))
     }
-    return summary, seeds, seconds
+    return summary, seeds, seconds, args
 
 
 def seed_matrix(seeds, smooth):
@@ -331,23 +377,25 @@ def kept_rows(opts, env_id, algo, steps, seeds):
     """The rows of (task, algo) in the CSVs already in --out-dir, when they report a run with these flags:
     -> (runs row, curve rows, final row or None), or None. A study split across machines keeps its finished
     runs there (the committed results), not their folders in runs/."""
-    read = lambda name: [r for r in read_csv(os.path.join(opts.out_dir, name))
+    protocol = {k: str(v) for k, v in protocol_of({}, algo_of(algo)).items()}  # rows made before the flags
+    path = lambda name: os.path.join(opts.out_dir, f"{opts.study}_{name}")
+    read = lambda name: [{"env_id": env_id, "algo": algo, **protocol, **r} for r in read_csv(path(name))
                          if (r["env_id"], r["algo"]) == (env_id, algo)]  # fmt: skip
-    record = next(iter(read("learning_runs.csv")), None)
+    record = next(iter(read("runs.csv")), None)
     if record is None or (record["total_timesteps"], record["num_seeds"]) != (str(steps), str(seeds)):
         return None
-    final = next(iter(read("learning_final.csv")), None) if record["status"] == "complete" else None
-    return record, read("learning_curves.csv"), final
+    final = next(iter(read("final.csv")), None) if record["status"] == "complete" else None
+    return record, read("curves.csv"), final
 
 
 def report(opts):
     records, curves, finals, plot = [], [], [], {}
     for env_id in opts.env_ids:
-        budget, unit, seeds = opts.tasks[env_id]
-        for algo in opts.algos:
+        budget, unit, seeds, algos = opts.tasks[env_id]
+        for algo in algos:
             steps = budget_steps(opts, env_id, algo)
             run_dir, complete = (None, False) if steps is None else find_run(
-                opts.runs_dir, f"learning_{algo}", env_id, opts.seed, steps, seeds)  # fmt: skip
+                opts.runs_dir, f"{opts.study}_{algo}", env_id, opts.seed, steps, seeds)  # fmt: skip
             kept = None if run_dir or steps is None else kept_rows(opts, env_id, algo, steps, seeds)
             if kept:  # no run folder here: keep what --out-dir reports of it, as it is
                 record, rows, final = kept
@@ -367,17 +415,18 @@ def report(opts):
             if run_dir is None:
                 print(f"no run yet: {env_id} / {algo}")
                 continue
-            summary, per_seed, seconds = read_run(run_dir)
+            summary, per_seed, seconds, args = read_run(run_dir)
             if not per_seed:
                 continue
+            protocol = protocol_of(args, algo_of(algo))
             x, raw, smoothed = seed_matrix(per_seed, opts.smooth)
             mean, low, high, n = bootstrap(smoothed, opts.bootstrap_reps)
             secs = np.array([seconds.get(int(s), np.nan) for s in x])
-            curves += [dict(env_id=env_id, algo=algo, global_step=int(s), seconds=round(float(t), 1),
+            curves += [dict(env_id=env_id, algo=algo, **protocol, global_step=int(s), seconds=round(float(t), 1),
                             episodic_return=r4(m), ci_low=r4(lo), ci_high=r4(hi), n_seeds=int(k))
                        for s, t, m, lo, hi, k in zip(x, secs, mean, low, high, n)]  # fmt: skip
             plot.setdefault(env_id, {})[algo] = (x, secs, mean, low, high, len(per_seed))
-            records.append(dict(env_id=env_id, algo=algo, run_dir=os.path.relpath(run_dir, ROOT),
+            records.append(dict(env_id=env_id, algo=algo, **protocol, run_dir=os.path.relpath(run_dir, ROOT),
                                 budget=f"{budget} {unit}", total_timesteps=steps, steps_done=int(x[-1]),
                                 num_seeds=len(per_seed), seconds=round(float(np.nanmax(secs)), 1),
                                 status="complete" if complete else "in progress"))  # fmt: skip
@@ -385,7 +434,7 @@ def report(opts):
                 continue
             final = np.array(summary["eval/episodic_return"], dtype=float)
             fm, flo, fhi, _ = bootstrap(final[:, None], opts.bootstrap_reps)
-            finals.append(dict(env_id=env_id, algo=algo, eval_return=r4(fm[0]), ci_low=r4(flo[0]),
+            finals.append(dict(env_id=env_id, algo=algo, **protocol, eval_return=r4(fm[0]), ci_low=r4(flo[0]),
                                ci_high=r4(fhi[0]), eval_per_seed=";".join(f"{v:g}" for v in final),
                                n_seeds=len(final), train_return_last=r4(np.nanmean(raw[:, -1])),
                                total_timesteps=summary["global_step"], seconds=round(summary["seconds"], 1),
@@ -394,18 +443,18 @@ def report(opts):
         print(f"no learning runs found in {opts.runs_dir}")
         return
     os.makedirs(opts.out_dir, exist_ok=True)
-    out = lambda name: os.path.join(opts.out_dir, name)
-    write_csv(out("learning_runs.csv"), records)
-    write_csv(out("learning_curves.csv"), curves)
+    out = lambda name: os.path.join(opts.out_dir, f"{opts.study}_{name}")
+    write_csv(out("runs.csv"), records)
+    write_csv(out("curves.csv"), curves)
     if finals:
-        write_csv(
-            out("learning_final.csv"), [{k: v for k, v in f.items() if k != "per_seed"} for f in finals]
-        )
-    algos = [a for a in SCRIPTS if a in opts.algos]
-    rows, pairs, tasks = aggregate(finals, algos, opts.bootstrap_reps)
+        write_csv(out("final.csv"), [{k: v for k, v in f.items() if k != "per_seed"} for f in finals])
+    algos = list(dict.fromkeys(a for t in opts.env_ids for a in opts.tasks[t][3]))  # variants, in order
+    rows, pairs, tasks = (
+        aggregate(finals, algos, opts.bootstrap_reps) if opts.study == "learning" else ([], [], [])
+    )
     if rows:
         fields = ["algo", "over", "metric", "value", "ci_low", "ci_high", "tasks", "runs_per_task"]
-        write_csv(out("learning_aggregate.csv"), rows + pairs, fields)  # "over": only the pairs have it
+        write_csv(out("aggregate.csv"), rows + pairs, fields)  # "over": only the pairs have it
     print_tables(opts, finals, rows, pairs, tasks, algos)
     draw(opts, plot, rows, algos)
 
@@ -418,7 +467,7 @@ def print_tables(opts, finals, rows, pairs, tasks, algos):
         for k, f in finals_by(finals).items()
     }
     for t in opts.env_ids:
-        budget, unit, _ = opts.tasks[t]
+        budget, unit, _, _ = opts.tasks[t]
         label = f"{budget / 60:g} min" if unit == "seconds" else f"{budget / 1e6:g}M steps"
         print(f"| {t} ({label}) | " + " | ".join(cells.get((t, a), "-") for a in algos) + " |")
     if rows:
@@ -445,8 +494,9 @@ def draw(opts, plot, rows, algos):
             if a in plot[t]:
                 steps, secs, mean, low, high, _ = plot[t][a]
                 x = steps if axis == "steps" else secs / 60
-                ax.plot(x, mean, color=COLORS[a], label=a, lw=1.5)
-                ax.fill_between(x, low, high, color=COLORS[a], alpha=0.2, lw=0)
+                color, style = COLORS[algo_of(a)], "--" if "shuffle0" in a else "-"  # protocol: off dashed
+                ax.plot(x, mean, color=color, ls=style, label=a, lw=1.5)
+                ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("env steps (per seed)" if axis == "steps" else "wall-clock minutes (2-core CPU)")
         ax.grid(alpha=0.3)
@@ -457,7 +507,7 @@ def draw(opts, plot, rows, algos):
     fig.text(0.99, 0.01, note + (f", moving average of {opts.smooth} iterations" if opts.smooth > 1 else ""),
              ha="right", va="bottom", fontsize=7, color="gray")  # fmt: skip
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(os.path.join(opts.out_dir, "learning.png"), dpi=90)
+    fig.savefig(os.path.join(opts.out_dir, f"{opts.study}.png"), dpi=90)
     plt.close(fig)
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(7, 0.5 + 0.45 * len(algos)), sharey=True)
@@ -470,7 +520,7 @@ def draw(opts, plot, rows, algos):
             ax.set_yticks(range(len(algos)), algos)
             ax.grid(alpha=0.3, axis="x")
         fig.tight_layout()
-        fig.savefig(os.path.join(opts.out_dir, "learning_aggregate.png"), dpi=90)
+        fig.savefig(os.path.join(opts.out_dir, f"{opts.study}_aggregate.png"), dpi=90)
         plt.close(fig)
     print(f"\nsaved the CSVs and PNGs in {os.path.relpath(opts.out_dir, ROOT)}")
 
@@ -483,7 +533,9 @@ def parse(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--env-ids", nargs="+", default=list(TASKS))
+    add("--study", choices=["learning", "protocol"], default="learning",
+        help="the task set: the learning study (TASKS) or the protocol comparison (PROTOCOL)")  # fmt: skip
+    add("--env-ids", nargs="+", default=None, help="default: every task of the study")
     add("--algos", nargs="+", default=list(SCRIPTS), help="any of mam, mat, mappo")
     add("--budget", nargs="+", default=[], metavar="ENV=N[s]",
         help="budget per seed: N env steps or Ns wall-clock seconds (needed outside TASKS)")  # fmt: skip
@@ -500,10 +552,16 @@ def parse(argv=None):
     add("--smooth", type=int, default=1, help="moving average over K iterations per seed (1: none)")
     add("--force", action="store_true", help="train again even when a complete run exists")
     add("--report-only", action="store_true", help="no training: report the runs found")
-    add("--out-dir", default="benchmarks/results/learning", help="relative to the repository root")
+    add("--out-dir", default=None, help="relative to the repository root (default: benchmarks/results/STUDY)")
     add("--runs-dir", default="runs", help="where the scripts write (a folder named runs)")
     opts = parser.parse_args(argv)
-
+    study = (
+        {e: (b, u, k, list(SCRIPTS)) for e, (b, u, k) in TASKS.items()}
+        if opts.study == "learning"
+        else PROTOCOL
+    )
+    opts.env_ids = opts.env_ids or list(study)
+    opts.out_dir = opts.out_dir or f"benchmarks/results/{opts.study}"
     opts.out_dir = os.path.normpath(os.path.join(ROOT, opts.out_dir))  # relative: to the repository root
     opts.runs_dir = os.path.normpath(os.path.join(ROOT, opts.runs_dir))
     if bad := [a for a in opts.algos if a not in SCRIPTS]:
@@ -517,22 +575,28 @@ def parse(argv=None):
         fail(f"--eval-every must be 0 (only at the end) or more (got {opts.eval_every})")
     if os.path.basename(opts.runs_dir) != "runs":
         fail(f"--runs-dir must be a folder named runs, as the scripts write to ./runs (got {opts.runs_dir})")
-    opts.tasks = dict(TASKS)
+    opts.tasks = dict(study)  # env_id: (budget, unit, seeds, variants of --algos)
     for item in opts.budget:
         env_id, _, value = item.partition("=")
         unit = "seconds" if value.endswith("s") else "steps"
         if env_id not in opts.env_ids or not value.rstrip("s").isdigit() or int(value.rstrip("s")) < 1:
             fail(f"--budget {item}: expected ENV=STEPS or ENV=SECONDSs with ENV one of --env-ids")
-        opts.tasks[env_id] = (int(value.rstrip("s")), unit, TASKS.get(env_id, (0, "", 3))[2])
+        _, _, seeds, variants = study.get(env_id, (0, "", 3, list(SCRIPTS)))
+        opts.tasks[env_id] = (int(value.rstrip("s")), unit, seeds, variants)
     if bad := [e for e in opts.env_ids if e not in opts.tasks]:
         fail(f"no budget for {bad[0]}: add --budget {bad[0]}=STEPS")
-    if opts.num_seeds:
-        opts.tasks = {e: (b, u, opts.num_seeds) for e, (b, u, _) in opts.tasks.items()}
+    opts.tasks = {e: (b, u, opts.num_seeds or k, [v for v in vs if algo_of(v) in opts.algos])
+                  for e, (b, u, k, vs) in opts.tasks.items()}  # fmt: skip
     defaults = {a: script_defaults(SCRIPTS[a])[0] for a in opts.algos}  # the scripts' own batch sizes
-    opts.batch = {a: d["num_envs"] * d["num_steps"] for a, d in defaults.items()}
-    for e, a in [(e, a) for e in opts.env_ids for a in opts.algos if opts.tasks[e][1] == "steps"]:
-        if opts.tasks[e][0] < opts.batch[a]:
-            fail(f"the budget of {e} is below one batch of {SCRIPTS[a]} ({opts.batch[a]} steps)")
+    variants = {v for e in opts.env_ids for v in opts.tasks[e][3]}
+    opts.batch = {v: defaults[algo_of(v)]["num_envs"] * defaults[algo_of(v)]["num_steps"] for v in variants}
+    for env_id in opts.env_ids:
+        budget, unit, _, variants = opts.tasks[env_id]
+        for v in variants:
+            if unit == "steps" and budget < opts.batch[v]:
+                fail(
+                    f"the budget of {env_id} is below one batch of {SCRIPTS[algo_of(v)]} ({opts.batch[v]} steps)"
+                )
     return opts
 
 

@@ -206,7 +206,9 @@ def test_ratio_is_one_before_any_update(script, overrides):
     module = importlib.import_module(script)
     # MAM: noise 0.15, as in test_mam.py; with expand 2, 0.3 drives BiMamba's un-normalised second pass to NaN
     scale = 0.15 if script == "mam_ppo" else 0.3
-    _, metrics = one_update(module, optax.set_to_zero(), [0], perturb=scale, **overrides)
+    # the paper's agent shuffle (--shuffle-agents, on by default) is such an order: test_protocol.py checks it
+    no_shuffle = {} if script == "mappo" else {"shuffle_agents": False}
+    _, metrics = one_update(module, optax.set_to_zero(), [0], perturb=scale, **overrides, **no_shuffle)
     assert float(metrics["losses/approx_kl"][0]) < 1e-6
     assert float(metrics["losses/clipfrac"][0]) == 0.0
 
