@@ -200,15 +200,14 @@ def _fused_backward_kernel(
         g, dA, dD = carry  # g = dL/dh after the chunk (n, bd); dA (n, bd); dD (bd,)
         c = n_chunks - 1 - i
         hs, tokens = [saved_ref[c]], []  # hs[k]: the state before token k of the chunk; hs[chunk]: after it
-        for k in range(chunk):  # the forward's numbers, recomputed
+        for k in range(chunk):  # the forward's states, recomputed
             t = c * chunk + k
             x_t, delta_t, B_t = x_ref[t], delta_ref[t], B_ref[t]
-            decay = jnp.exp(delta_t[None, :] * A)
-            hs.append(decay * hs[-1] + B_t[:, None] * (delta_t * x_t)[None, :])
-            tokens.append((t, x_t, delta_t, B_t, decay))
-        for k in reversed(range(chunk)):
-            t, x_t, delta_t, B_t, decay = tokens[k]
-            dy_t = dy_ref[t]
+            hs.append(jnp.exp(delta_t[None, :] * A) * hs[-1] + B_t[:, None] * (delta_t * x_t)[None, :])
+            tokens.append((t, x_t, delta_t, B_t))
+        for k in reversed(range(chunk)):  # decays are recomputed, not kept: fewer registers
+            t, x_t, delta_t, B_t = tokens[k]
+            decay, dy_t = jnp.exp(delta_t[None, :] * A), dy_ref[t]
             G = g + C_ref[t][:, None] * dy_t[None, :]  # dL/dh_t: from the later tokens and from y_t
             dC_ref[t] = jnp.sum(hs[k + 1] * dy_t[None, :], axis=1)
             dB_ref[t] = jnp.sum(G * (delta_t * x_t)[None, :], axis=1)
@@ -313,7 +312,7 @@ def _pow2(size):
 
 def selective_scan(
     x, delta, A, B, C, D, *, h0=None, reverse=False, mode="parallel", return_state=False,
-    interpret=None, block_d=32, chunk=16, num_warps=1,
+    interpret=None, block_d=32, chunk=16, num_warps=4,
 ):  # fmt: skip
     """Run the selective scan over a whole sequence.
 
