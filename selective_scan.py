@@ -239,7 +239,7 @@ def _fused_call(cfg, kernel, name, args, outs):
         "part_n": (lambda s: (None, None, s[2], s[3]), lambda i, j: (i, j, 0, 0)),
     }
     spec = lambda shape, kind: pl.BlockSpec(blocks[kind][0](shape), blocks[kind][1])
-    x = args[1][0]  # (b, l, d) in both kernels
+    x = args[1][0]  # (b, l, d): x in the forward kernel's arguments, delta in the backward's
     return pl.pallas_call(
         functools.partial(kernel, chunk=cfg.chunk),
         out_shape=[jax.ShapeDtypeStruct(shape, x.dtype) for shape, _ in outs],
