@@ -41,10 +41,14 @@ def random_rollout(env, steps, seed=0, batch=8):
 
 def test_lbf_time_limit_is_truncation():
     env = mappo.make_env("lbf-2s-8x8-2p-2f-coop")
-    reward, term, trunc, _, _ = random_rollout(env, env.time_limit)
-    trunc, term = np.asarray(trunc), np.asarray(term)
-    # whoever has not eaten everything by step 100 is truncated there, never terminated
-    assert trunc[-1].sum() + term.sum() >= 8 and not trunc[:-1].any()
+    reward, term, trunc, _, eaten = random_rollout(env, env.time_limit)
+    trunc, term, eaten = np.asarray(trunc), np.asarray(term), np.asarray(eaten)
+    before = np.cumsum(term, 0) - term == 0  # the episode had not terminated before this step
+    # a termination is all food eaten (the env's percent_eaten), never the time limit
+    assert (eaten[term] == 100).all() and (term[before] == (eaten[before] == 100)).all()
+    # whoever has not eaten everything by step 100 is truncated there, and only there
+    assert not trunc[:-1].any() and not term[-1][trunc[-1]].any()
+    assert (trunc[-1] == ~term.any(0)).all() and trunc[-1].sum() >= 4
 
 
 def test_rware_time_limit_is_truncation_and_collision_termination(monkeypatch):
