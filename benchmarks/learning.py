@@ -12,7 +12,7 @@ such runs evaluate only at the end.
 Runs survive sessions: stop the study with Ctrl-C, or `kill -INT -- -PGID` on its process group; the running
 script finishes its iteration, checkpoints and exits, and the next call with the same flags resumes it
 (`--resume`). A complete run (summary.json) with the same env, budget, seed and number of seeds is skipped
-unless --force.
+unless --force, and so is one that --out-dir's CSVs report complete (a run finished on another machine).
 
 Report mode (--report-only, and always after running) finds the runs of --env-ids x --algos in runs/ (the
 newest complete one, else the newest one in progress, whose curve is drawn but which has no final score). A
@@ -252,6 +252,10 @@ def run_all(opts):
             log = os.path.join(opts.runs_dir, "learning_logs", f"{env_id}__{exp_name}.log")
             if complete and not opts.force:
                 print(f"skip {env_id} / {algo}: complete run {os.path.relpath(run_dir, ROOT)}")
+                continue
+            kept = None if run_dir or opts.force else kept_rows(opts, env_id, algo, steps, seeds)
+            if kept and kept[0]["status"] == "complete":  # finished on another machine: its rows are here
+                print(f"skip {env_id} / {algo}: complete in {os.path.relpath(opts.out_dir, ROOT)}")
                 continue
             if run_dir and not opts.force:
                 cmd = [
