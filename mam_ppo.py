@@ -126,8 +126,9 @@ class Args:
     """the Mamba mixer's inner width is expand * n_embd (2 in the authors' code)"""
     dt_rank: int = 4
     """rank of the projection that produces the step size delta (small is best per the paper's ablation)"""
-    scan_mode: Literal["sequential", "parallel"] = "sequential"
-    """how training runs the selective scan over all agents: lax.scan or associative_scan (same numbers)"""
+    scan_mode: Literal["sequential", "parallel", "pallas"] = "sequential"
+    """how training runs the selective scan over all agents: lax.scan, associative_scan or the fused Pallas kernel
+    (GPU only); the same numbers"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class MambaConfig(NamedTuple):
     d_conv: int
     expand: int
     dt_rank: int
-    scan_mode: str  # "sequential" (lax.scan) or "parallel" (associative_scan) for the all-agents passes
+    scan_mode: str  # "sequential" (lax.scan), "parallel" (associative_scan), "pallas" (fused GPU kernel)
 
 
 def dense(features, gain, use_bias=True):
@@ -374,10 +375,13 @@ def init_params(network, key, env):
 
 
 def build_network(args, env):  # args: the flags, or a saved model's
+    if args.scan_mode == "pallas" and jax.default_backend() == "cpu":  # interpret mode: for tests only
+        fail("--scan-mode pallas needs a GPU (on a CPU the kernel runs in Pallas' interpreter: tests only)")
     return MultiAgentMamba(env.action_dim, MambaConfig(**{f: getattr(args, f) for f in MambaConfig._fields}))
 
 
-NETWORK_ARGS = MambaConfig._fields  # the Args fields that shape the network: a saved model brings its own
+# the Args fields that shape the network: a saved model brings its own (not the scan mode: the same params)
+NETWORK_ARGS = tuple(f for f in MambaConfig._fields if f != "scan_mode")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -199,7 +199,14 @@ def build(method, n_agents, obs_dim, num_actions, key):
     """The script's network with its default hyperparameters, and params for N agents."""
     module, overrides = METHODS[method]
     spec = EnvSpec(n_agents, obs_dim, num_actions)
-    network = module.build_network(replace(module.Args(), **overrides), spec)
+    args = replace(module.Args(), **overrides)
+    if overrides.get("scan_mode") == "pallas" and jax.default_backend() == "cpu":
+        # build_network refuses the interpreted kernel (a training run); gpu_check.py --dry-run wants it here
+        network = module.MultiAgentMamba(
+            num_actions, module.MambaConfig(*(getattr(args, f) for f in module.MambaConfig._fields))
+        )
+    else:
+        network = module.build_network(args, spec)
     return module, network, module.init_params(network, key, spec)
 
 
