@@ -35,6 +35,32 @@ def test_rware_two_seeds_save_load(script, run_script, tmp_path):
     assert "global_step=128" in out.stdout and "SPS=" in out.stdout
     assert (run_dir / "model.msgpack").exists() and (run_dir / "args.json").exists()
     trained = read_summary(run_dir)
+    # every seed's rows carry its own numbers: the final evaluation's rows are summary.json's, seed by seed
+    rows = read_metrics(run_dir)
+    final = [r for r in rows if not r["losses/value_loss"]]
+    assert [int(r["seed"]) for r in final] == [1, 2]
+    assert [float(r["eval/episodic_return"]) for r in final] == trained["eval/episodic_return"]
+    assert [float(r["eval/episodic_length"]) for r in final] == trained["eval/episodic_length"]
+    losses = [
+        [r["losses/value_loss"] for r in rows if r["seed"] == s and r["losses/value_loss"]] for s in "12"
+    ]
+    assert losses[0] != losses[1], "the seeds' rows show the same numbers"
+    if (
+        script == "mappo.py"
+    ):  # seed 2 of --num-seeds 2 is the run of --seed 2 (mat/mam: the same main, test_diff)
+        (tmp_path / "alone").mkdir()
+        out = run_script(script, *flags[:-3], "--seed", 2, cwd=tmp_path / "alone")
+        assert out.returncode == 0, out.stderr
+        (alone_dir,) = run_dirs(tmp_path / "alone")
+        alone = read_metrics(alone_dir)
+        assert read_summary(alone_dir)["eval/episodic_length"] == trained["eval/episodic_length"][1:]
+        assert len(alone) == 3 and [r["iteration"] for r in rows if r["seed"] == "2"] == ["1", "2", "2"]
+        for want, got in zip(alone, [r for r in rows if r["seed"] == "2"]):
+            for name, value in want.items():
+                if value and name not in ("losses/policy_loss", "losses/approx_kl", "losses/clipfrac"):
+                    assert float(got[name]) == pytest.approx(float(value), rel=1e-3, abs=1e-6, nan_ok=True), (
+                        name
+                    )
 
     out = run_script(script, "--load-model", run_dir / "model.msgpack", "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
@@ -72,7 +98,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize("flags, message", BAD_INPUT)
 def test_bad_input_is_one_clear_line(script, flags, message, run_script, tmp_path):
     out = run_script(script, *flags)
-    assert out.returncode != 0
+    assert out.returncode == 2, out.stderr  # the README: bad input exits with code 2
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], out.stderr
@@ -86,7 +112,7 @@ def test_corrupt_checkpoint_is_one_clear_line(script, run_script, tmp_path):
     (bad / "model.msgpack").write_bytes(b"\x00not a checkpoint")
     (bad / "args.json").write_text('{"env_id": "con-5x5x3a"}')
     out = run_script(script, "--load-model", bad)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "error: --load-model" in out.stderr
 
 

@@ -31,18 +31,19 @@ def environment(compile_cache, devices=1):
     return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=compile_cache, XLA_FLAGS=xla)
 
 
-# mappo: SIGINT, 2 seeds on 2 forced CPU devices; MAM: SIGTERM, 1 seed (MAT runs the same lines outside its
-# network: test_diff.py). Enough iterations that the signal, sent when the first iteration is printed, lands
-# well before the end.
+# mappo: SIGINT, 2 seeds on 2 forced CPU devices, then the resumed run killed hard (SIGKILL) between two
+# periodic checkpoints and resumed again; MAM: SIGTERM, 1 seed (MAT runs the same lines outside its network:
+# test_diff.py). Enough iterations that the signal, sent when the first iteration is printed, lands well before
+# the end.
 CASES = [
-    ("mappo.py", signal.SIGINT, 2, 100),
-    ("mam_ppo.py", signal.SIGTERM, 1, 20),
+    ("mappo.py", signal.SIGINT, 2, 100, True),
+    ("mam_ppo.py", signal.SIGTERM, 1, 20, False),
 ]
 
 
-@pytest.mark.parametrize("script, sig, n, iterations", CASES)
+@pytest.mark.parametrize("script, sig, n, iterations, hard_kill", CASES)
 def test_interrupted_and_resumed_is_the_uninterrupted_run(
-    script, sig, n, iterations, tmp_path, compile_cache
+    script, sig, n, iterations, hard_kill, tmp_path, compile_cache
 ):
     env = environment(compile_cache, devices=n)
     flags = [*TINY, "--total-timesteps", 32 * iterations, "--num-seeds", n, "--num-devices", n]
@@ -75,6 +76,19 @@ def test_interrupted_and_resumed_is_the_uninterrupted_run(
         == f"interrupted after iteration {last}; resume with: python {ROOT / script} {resume}"
     )
 
+    # SIGKILL: no handler, no last checkpoint; the rows of iterations 8 and 9 outlive checkpoint 7
+    if hard_kill:
+        proc = subprocess.Popen(command(script, *resume.split()), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        for line in proc.stdout:
+            if line.startswith("iter 9/"):
+                proc.kill()
+                break
+        proc.wait(timeout=900)
+        assert proc.returncode == -signal.SIGKILL and "iter 9/" in line
+        last = int(read_state(run_dir)["iteration"])
+        logged = {line.split(",")[0] for line in (run_dir / "metrics.csv").read_text().splitlines()}
+        assert last == 7 and "8" in logged, (last, logged)  # killed between two checkpoints
     resumed = subprocess.run(
         command(script, *resume.split()), cwd=tmp_path, env=env, capture_output=True, text=True
     )
@@ -84,6 +98,8 @@ def test_interrupted_and_resumed_is_the_uninterrupted_run(
     (straight_dir,) = run_dirs(tmp_path / "straight")
     # the same rows, byte for byte, the same final state bit for bit, the same final evaluation
     assert (run_dir / "metrics.csv").read_text() == (straight_dir / "metrics.csv").read_text()
+    timing = (run_dir / "timing.csv").read_text().splitlines()  # SPS and seconds differ: each iteration once
+    assert [int(line.split(",")[0]) for line in timing[1:]] == list(range(1, iterations + 1))
     a, b = read_state(run_dir), read_state(straight_dir)
     assert a["iteration"] == b["iteration"] == iterations and a["leaves"].keys() == b["leaves"].keys()
     for k in a["leaves"]:
