@@ -134,7 +134,8 @@ def test_smoke_smacv2_3_vs_3(script, run_script, tmp_path):
     video = ["--capture-video"] if script == "mappo.py" else []  # JaxMARL's drawing, once
     out = run_script(script, "--env-id", "smax-smacv2_5_units", "--num-agents", "3", *flags, *video)
     assert out.returncode == 0, out.stderr
-    assert "3 agents, obs 75, actions 8" in out.stdout  # 3 vs 3: 5 moves + 3 targets
+    obs = 75 if script == "mappo.py" else 78  # MAT / MAM append the 3 agent ids (--agent-ids, on by default)
+    assert f"3 agents, obs {obs}, actions 8" in out.stdout  # 3 vs 3: 5 moves + 3 targets
     (run_dir,) = run_dirs(tmp_path)
     assert_complete_run(run_dir, iterations=2, seeds=1)
     assert "charts/success" in read_metrics(run_dir)[0]
