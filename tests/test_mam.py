@@ -112,6 +112,18 @@ def test_act_matches_teacher_forced_pass(setup, fns):
                 np.testing.assert_array_equal(actions, logits.argmax(-1))
 
 
+def test_act_samples_agent_i_with_key_i(setup, fns):
+    """Agent i's action is jax.random.categorical(split(key, N)[i], its logits): each agent samples with a key of
+    its own, so a change that drew every agent's noise from one key (or moved it out of the loop wrongly) fails."""
+    net, params, (obs, mask, _) = setup
+    key = jax.random.PRNGKey(5)
+    actions, _, _ = fns["act"](params["perturbed"], obs, mask, key)
+    logits, _ = fns["apply"](params["perturbed"], obs, mask, actions)
+    keys = jax.random.split(key, N)
+    want = [jax.random.categorical(keys[i], logits[:, i]) for i in range(N)]
+    np.testing.assert_array_equal(actions, np.stack(want, 1))
+
+
 def test_decode_step_logits_match_full_pass(setup, fns):
     """The recurrent decoder (conv buffers + SSM states of every block) gives the teacher-forced logits."""
     net, params, (obs, mask, actions) = setup
