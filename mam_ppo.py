@@ -101,6 +101,7 @@ class Args:
     agent_ids: bool = True
     """append a one-hot agent id to every agent's observation, as the paper's code does (not on Connector, whose
     observation already tells the agents apart)"""
+    # on, as in the paper's code: the screening (README, Training protocol) found MAM tied with and without it
     shuffle_agents: bool = True
     """permute the agents of the training batch, one random order per PPO epoch, as the paper's code does (acting
     keeps the env's order)"""
