@@ -45,7 +45,8 @@ The protocol study (--study protocol, results in benchmarks/results/protocol/, f
 trail MAT because of our training protocol? The paper's code appends one-hot agent ids to the observations and
 permutes the agents of the training batch each epoch (mat_ppo.py / mam_ppo.py --agent-ids, --shuffle-agents).
 Each task of PROTOCOL trains the variants listed there: a variant is ALGO_idsI_shuffleS, the script run with
---agent-ids I and --shuffle-agents S (0 off, 1 on), exp name protocol_{variant}. Rows carry the variant in
+--agent-ids I and --shuffle-agents S (0 off, 1 on), exp name protocol_{variant}; a suffix _lrX also sets
+--learning-rate X (a lever tried on MAM). Rows carry the variant in
 `algo` and the flags the run really had (its args.json) in `agent_ids` and `shuffle_agents`; every row of the
 learning study carries them too (runs made before the flags existed had both off).
 
@@ -78,10 +79,11 @@ TASKS = {
 }
 # env_id: (budget per seed, unit, seeds, variants). con-10x10x10a is where MAM trails MAT most (the study): the
 # shuffle screened at 500k steps (Connector's observation names the agent, so no ids there, as in the paper's
-# code); lbf-2s-10x10-3p-3f: the new defaults (ids and shuffle on) at the study's budget, against its rows.
+# code), then one lever on MAM, which still trailed: a 2x learning rate (README, "Training protocol");
+# lbf-2s-10x10-3p-3f: the new defaults (ids and shuffle on) at the study's budget, against its rows.
 PROTOCOL = {
     "con-10x10x10a": (500_000, "steps", 3, ["mam_ids0_shuffle1", "mam_ids0_shuffle0", "mat_ids0_shuffle1",
-                                            "mat_ids0_shuffle0"]),
+                                            "mam_ids0_shuffle1_lr1e-3", "mat_ids0_shuffle0"]),
     "lbf-2s-10x10-3p-3f": (1_000_000, "steps", 3, ["mam_ids1_shuffle1", "mat_ids1_shuffle1"]),
 }  # fmt: skip
 PROTOCOL_FLAGS = ("agent_ids", "shuffle_agents")  # Args fields of mat_ppo.py and mam_ppo.py
@@ -101,9 +103,13 @@ def algo_of(variant):
 
 
 def variant_flags(variant):
-    """'mam_ids0_shuffle1' -> ['--no-agent-ids', '--shuffle-agents']; a plain algo runs with its defaults."""
+    """'mam_ids0_shuffle1' -> ['--no-agent-ids', '--shuffle-agents']; a plain algo runs with its defaults.
+    A last part lrX changes the learning rate: 'mam_ids0_shuffle1_lr1e-3' adds ['--learning-rate', '1e-3']."""
     flags = []
     for part in variant.split("_")[1:]:
+        if part.startswith("lr"):
+            flags += ["--learning-rate", part[2:]]
+            continue
         name, value = part.rstrip("01"), part[-1]
         flag = {"ids": "agent-ids", "shuffle": "shuffle-agents"}[name]
         flags.append(f"--{flag}" if value == "1" else f"--no-{flag}")
@@ -171,9 +177,8 @@ def launch(opts, cmd, log_path, append=False):
     """Run one script to its end, teeing its output into log_path; -> (exit code, run folder or None)."""
     print(f"\n=== {' '.join(cmd[1:])}  (log: {os.path.relpath(log_path, ROOT)})", flush=True)
     run_dir = None
-    with open(
-        log_path, "a" if append else "w"
-    ) as log:  # cwd = the parent of runs-dir: the scripts write to ./runs/
+    # cwd = the parent of runs-dir: the scripts write to ./runs/
+    with open(log_path, "a" if append else "w") as log:
         proc = subprocess.Popen(cmd, cwd=os.path.dirname(opts.runs_dir), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
         for line in proc.stdout:  # a signal to the process group reaches the script too: keep reading
@@ -448,10 +453,16 @@ def report(opts):
         return
     os.makedirs(opts.out_dir, exist_ok=True)
     out = lambda name: os.path.join(opts.out_dir, f"{opts.study}_{name}")
-    write_csv(out("runs.csv"), records)
-    write_csv(out("curves.csv"), curves)
-    if finals:
-        write_csv(out("final.csv"), [{k: v for k, v in f.items() if k != "per_seed"} for f in finals])
+    scope = {(t, a) for t in opts.env_ids for a in opts.tasks[t][3]}
+
+    def save(name, rows):  # the rows of tasks and algos outside this report (--env-ids, --algos) stay
+        others = [r for r in read_csv(out(name)) if (r["env_id"], r["algo"]) not in scope]
+        if rows or others:
+            write_csv(out(name), rows + others, list((rows or others)[0]))
+
+    save("runs.csv", records)
+    save("curves.csv", curves)
+    save("final.csv", [{k: v for k, v in f.items() if k != "per_seed"} for f in finals])
     algos = list(dict.fromkeys(a for t in opts.env_ids for a in opts.tasks[t][3]))  # variants, in order
     rows, pairs, tasks = (
         aggregate(finals, algos, opts.bootstrap_reps) if opts.study == "learning" else ([], [], [])
@@ -498,7 +509,9 @@ def draw(opts, plot, rows, algos):
             if a in plot[t]:
                 steps, secs, mean, low, high, _ = plot[t][a]
                 x = steps if axis == "steps" else secs / 60
-                color, style = COLORS[algo_of(a)], "--" if "shuffle0" in a else "-"  # protocol: off dashed
+                color = COLORS[algo_of(a)]
+                # protocol: the shuffle off dashed, a lever dotted
+                style = ":" if "_lr" in a else "--" if "shuffle0" in a else "-"
                 ax.plot(x, mean, color=color, ls=style, label=a, lw=1.5)
                 ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
         ax.set_title(t, fontsize=10)

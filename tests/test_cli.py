@@ -45,9 +45,8 @@ def test_rware_two_seeds_save_load(script, run_script, tmp_path):
         [r["losses/value_loss"] for r in rows if r["seed"] == s and r["losses/value_loss"]] for s in "12"
     ]
     assert losses[0] != losses[1], "the seeds' rows show the same numbers"
-    if (
-        script == "mappo.py"
-    ):  # seed 2 of --num-seeds 2 is the run of --seed 2 (mat/mam: the same main, test_diff)
+    # seed 2 of --num-seeds 2 is the run of --seed 2 (mat/mam: the same main, test_diff)
+    if script == "mappo.py":
         (tmp_path / "alone").mkdir()
         out = run_script(script, *flags[:-3], "--seed", 2, cwd=tmp_path / "alone")
         assert out.returncode == 0, out.stderr

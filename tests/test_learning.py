@@ -63,16 +63,15 @@ def report(tmp_path):
     return report_again(tmp_path)
 
 
-def report_again(tmp_path):
+def report_again(tmp_path, *flags):
     """learning.py --report-only on the runs in tmp_path/runs, into tmp_path/out. -> (stdout, CSV reader)."""
     runs = tmp_path / "runs"
     envs = list(dict.fromkeys(e for e, _ in FINALS))
     budgets = [f"{e}={BATCH * ITERATIONS}" for e in envs]
+    # 500 resamples: the CIs are checked for bounds only, the point values exactly
     cmd = [sys.executable, str(ROOT / "benchmarks/learning.py"), "--report-only", "--bootstrap-reps", 500, "--env-ids", *envs,
-           "--budget", *budgets, "--runs-dir", str(runs), "--out-dir", str(tmp_path / "out")]  # fmt: skip
-    cmd = [
-        str(c) for c in cmd
-    ]  # 500 resamples: the CIs are checked for bounds only, the point values exactly
+           "--budget", *budgets, "--runs-dir", str(runs), "--out-dir", str(tmp_path / "out"), *flags]  # fmt: skip
+    cmd = [str(c) for c in cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     read = lambda name: list(csv.DictReader(open(tmp_path / "out" / name)))
@@ -137,6 +136,25 @@ def test_report_keeps_the_rows_of_runs_made_elsewhere(tmp_path):
         assert {r["tasks"] for r in read("learning_aggregate.csv")} == {"3"}
 
 
+def test_a_report_of_some_algos_keeps_the_rows_of_the_others(tmp_path):
+    """--algos mat reports MAT's runs and leaves every other algo's rows in the CSVs as they were: a report of
+    one arm once wiped the committed rows of the others (and a rerun would have trained them again)."""
+    report(tmp_path)
+    out = tmp_path / "out"
+    read_rows = lambda name: sorted(map(str, csv.DictReader(open(out / name))))
+    before = {n: read_rows(n) for n in ("learning_runs.csv", "learning_curves.csv", "learning_final.csv")}
+    shutil.rmtree(tmp_path / "runs")
+    write_run(tmp_path / "runs", "con-5x5x3a", "mat", 400, [0.1, 0.2, 0.3])  # a new run of one algo
+    _, read = report_again(tmp_path, "--algos", "mat")
+    finals = {(r["env_id"], r["algo"]): r["eval_per_seed"] for r in read("learning_final.csv")}
+    expected = {k: ";".join(f"{x:g}" for x in v) for k, v in FINALS.items() if v is not None}
+    assert finals == {**expected, ("con-5x5x3a", "mat"): "0.1;0.2;0.3"}
+    status = {(r["env_id"], r["algo"]): r["status"] for r in read("learning_runs.csv")}
+    assert len(status) == len(FINALS) and status["con-5x5x3a", "mappo"] == "in progress"
+    for name, rows in before.items():  # the rows of mam and mappo: unchanged
+        assert [r for r in rows if "'mat'" not in r] == [r for r in read_rows(name) if "'mat'" not in r]
+
+
 def test_report_aggregate_matches_a_hand_computation(tmp_path):
     pytest.importorskip("rliable", reason="the aggregate needs benchmarks/requirements.txt")
     _, read = report(tmp_path)
@@ -180,3 +198,26 @@ def test_aggregate_cis_do_not_depend_on_the_global_rng(monkeypatch):
     rows, pairs, tasks = reports[0]
     assert len(rows) == 6 and len(pairs) == 3 and tasks == ["rware-tiny-2ag", "lbf-8x8-2p-2f-coop"]
     assert any(r["ci_low"] < r["value"] < r["ci_high"] for r in rows + pairs)  # the CIs are not degenerate
+
+
+def test_protocol_variants_become_flags_the_scripts_have(monkeypatch):
+    """Every variant of the protocol study runs its script with flags that exist there, each set as named:
+    a misspelt flag would fail the run hours into a study, a dropped one would train the wrong variant."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import learning
+
+    assert learning.variant_flags("mam_ids0_shuffle1_lr1e-3") == [
+        "--no-agent-ids", "--shuffle-agents", "--learning-rate", "1e-3"
+    ]  # fmt: skip
+    assert learning.variant_flags("mat_ids1_shuffle0") == ["--agent-ids", "--no-shuffle-agents"]
+    for _, _, _, variants in learning.PROTOCOL.values():
+        for variant in variants:
+            fields = learning.script_defaults(learning.SCRIPTS[learning.algo_of(variant)])[0]
+            for flag in variant_flags_names(learning.variant_flags(variant)):
+                assert flag in fields, f"{variant}: {flag}"
+
+
+def variant_flags_names(flags):
+    """['--no-agent-ids', '--learning-rate', '1e-3'] -> ['agent_ids', 'learning_rate']"""
+    names = [f[2:].removeprefix("no-") for f in flags if f.startswith("--")]
+    return [n.replace("-", "_") for n in names]
