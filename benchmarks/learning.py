@@ -503,7 +503,8 @@ def draw(opts, plot, rows, algos):
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     panels = [(t, "steps") for t in plot] + [(t, "seconds") for t in plot if opts.tasks[t][1] == "seconds"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
+    # at least 5 inches wide, so that the footnote fits under a single panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(3.8 * len(panels), 5), 3.2), squeeze=False)
     for ax, (t, axis) in zip(axes[0], panels):
         for a in algos:
             if a in plot[t]:
@@ -516,6 +517,8 @@ def draw(opts, plot, rows, algos):
                 ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("env steps (per seed)" if axis == "steps" else "wall-clock minutes (2-core CPU)")
+        if axis == "steps":  # 500k, 1M: tick labels that do not run together
+            ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training return (sampled)")
     axes[0][0].legend(fontsize=8)
