@@ -521,7 +521,9 @@ def draw(opts, plot, rows, algos):
             ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training return (sampled)")
-    axes[0][0].legend(fontsize=8)
+    for ax in axes[0]:  # a legend on the first panel, and on any other whose lines differ (protocol tasks)
+        if ax is axes[0][0] or ax.get_legend_handles_labels()[1] != axes[0][0].get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8)
     n_seeds = sorted({v[5] for p in plot.values() for v in p.values()})
     note = f"mean and 95% bootstrap CI over {'/'.join(map(str, n_seeds))} seeds"
     fig.text(0.99, 0.01, note + (f", moving average of {opts.smooth} iterations" if opts.smooth > 1 else ""),
