@@ -111,6 +111,11 @@ class Args:
     """evaluate with greedy (argmax) actions; by default actions are sampled as in training (Mava's evaluator)"""
     eval_every: int = 0
     """also evaluate every this many iterations (0: only at the end)"""
+    final_eval_episodes: int = 0
+    """number of episodes of the final evaluation (0: --eval-episodes)"""
+    absolute_metric: bool = False
+    """keep each seed's params of its best evaluation (periodic or final) and re-evaluate them at the end with 10x
+    --eval-episodes: marl-eval's absolute metric (summary.json's absolute/*)"""
     capture_video: bool = False
     """record one evaluation episode at each evaluation (runs/{run_name}/videos/iter_{k}.gif; wandb with --track)"""
 
@@ -862,13 +867,14 @@ def over_seeds(f):
     return run
 
 
-FINAL_EVAL = 10**6
+FINAL_EVAL, ABSOLUTE_EVAL = 10**6, 2 * 10**6
 
 
 def seed_keys(args, offset=0):
     """One PRNG key per seed (K,): seed k of --num-seeds K draws what a run with --seed seed+k draws. Each use has
     its own offset so that no two share a key stream: 0 trains, 1000 * i is the evaluation after iteration i,
-    FINAL_EVAL the final evaluation (and a loaded model's: it reproduces the final evaluation of its run)."""
+    FINAL_EVAL the final evaluation (and a loaded model's: it reproduces the final evaluation of its run),
+    ABSOLUTE_EVAL the re-evaluation of the best params (--absolute-metric)."""
     return jax.vmap(jax.random.PRNGKey)(args.seed + offset + jnp.arange(args.num_seeds))
 
 
@@ -909,7 +915,7 @@ def check_args(args):
     for name in ["num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "eval_episodes"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    for name in ["eval_every", "checkpoint_every"]:
+    for name in ["eval_every", "checkpoint_every", "final_eval_episodes"]:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be 0 (off) or more (got {getattr(args, name)})")
     if args.resume is not None and (args.load_model is not None or jax.process_count() > 1):
@@ -1162,9 +1168,10 @@ class Run:
                 self.videos = []
             self.wandb.log(data, step=global_step)
 
-    def save(self, runners, iteration, seconds, stopping):
+    def save(self, runners, iteration, seconds, stopping, best=None):
         """The one place that writes state: --save-model's params every tenth of the run; --checkpoint-every's whole
-        training state (params, optimizer state, env states, episode counters, keys), and at the end or a stop."""
+        training state (params, optimizer state, env states, episode counters, keys, and --absolute-metric's best
+        params so far), and at the end or a stop."""
         args = self.args
         num_iterations = args.total_timesteps // (args.num_envs * args.num_steps)
         last = iteration == num_iterations
@@ -1174,9 +1181,10 @@ class Run:
         every = args.checkpoint_every
         if every and (iteration % every == 0 or last or stopping) and jax.process_count() == 1:
             leaves = {str(i): x for i, x in enumerate(jax.device_get(jax.tree.leaves(runners)))}
-            state = flax.serialization.msgpack_serialize(
-                dict(iteration=iteration, seconds=seconds, leaves=leaves)
-            )
+            state = dict(iteration=iteration, seconds=seconds, leaves=leaves)
+            if best is not None:
+                state["best"] = best
+            state = flax.serialization.msgpack_serialize(state)
             write_atomic(os.path.join(self.dir, "checkpoint.msgpack"), state)
             self.checkpoint_iteration = iteration
 
@@ -1245,12 +1253,13 @@ def init_distributed():
         jax.distributed.initialize()
 
 
-def evaluate_and_record(args, evaluate, params, run, iteration, final=False):
-    """Evaluates every seed's params with keys of its own (seed_keys): the evaluation after iteration i, or the
-    final one (final=True), which a loaded model uses too, so that it repeats the final evaluation of its run.
+def evaluate_and_record(args, evaluate, params, run, iteration, offset=None):
+    """Evaluates every seed's params with keys of its own (seed_keys): the evaluation after iteration i, or, given
+    an offset, the final one (FINAL_EVAL, which a loaded model uses too, so that it repeats the final evaluation of
+    its run) or the absolute metric's (ABSOLUTE_EVAL).
     --capture-video: draws seed 0's recorded episode into videos/iter_{iteration}.gif with the env's renderer
     (matplotlib: ~60 ms a frame on a CPU, 30 s for a 500-step RWARE episode)."""
-    keys = seed_keys(args, FINAL_EVAL if final else 1000 * iteration)
+    keys = seed_keys(args, 1000 * iteration if offset is None else offset)
     results, video = jax.device_get(evaluate(params, keys))
     if video is not None:
         states, length = jax.tree.map(lambda x: np.asarray(x[0]), video)  # seed 0, on the host
@@ -1265,8 +1274,19 @@ def evaluate_and_record(args, evaluate, params, run, iteration, final=False):
     return results
 
 
+def compile_evaluate(args, env, network, shapes, episodes):
+    """The evaluation of `episodes` episodes per seed, compiled from the params' shapes."""
+    evaluate = jax.jit(over_seeds(make_evaluate(replace(args, eval_episodes=episodes), env, network)))
+    return evaluate.lower(shapes.train_state.params, seed_keys(args)).compile()
+
+
+def final_episodes(args):
+    return args.final_eval_episodes or args.eval_episodes
+
+
 def compile_steps(args, env, network, tx, mesh):
-    """The update step and the evaluation compiled from shapes, before any state exists (and outside the timing)."""
+    """The update step and the evaluations (periodic, final, absolute metric) compiled from shapes, before any
+    state exists (and outside the timing)."""
     shardings = runner_shardings(mesh)
     shapes = runner_shapes(args, env, network, tx, shardings)
     update_step = over_seeds(make_update_step(args, env, network, mesh))
@@ -1274,8 +1294,10 @@ def compile_steps(args, env, network, tx, mesh):
     t0 = time.time()
     update = update.lower(shapes).compile()
     check_memory(update, mesh, args)
-    evaluate = jax.jit(over_seeds(make_evaluate(args, env, network)))
-    evaluate = evaluate.lower(shapes.train_state.params, seed_keys(args)).compile()
+    episodes = {args.eval_episodes, final_episodes(args)} | (
+        {10 * args.eval_episodes} if args.absolute_metric else set()
+    )
+    evaluate = {n: compile_evaluate(args, env, network, shapes, n) for n in sorted(episodes)}
     batch_size = args.num_envs * args.num_steps
     iterations = args.total_timesteps // batch_size
     print(f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {iterations} iterations of "
@@ -1283,8 +1305,23 @@ def compile_steps(args, env, network, tx, mesh):
     return update, evaluate, shapes
 
 
+def keep_best(best, params, returns, iteration):
+    """--absolute-metric: each seed's params of its best evaluation so far (the first on a tie), on the host.
+    best: None or dict(returns (K,), iterations (K,), leaves {i: (K, ...)}), the form a checkpoint keeps."""
+    leaves = jax.device_get(jax.tree.leaves(params))
+    if best is None:
+        return dict(returns=returns, iterations=np.full(len(returns), iteration),
+                    leaves={str(i): x for i, x in enumerate(leaves)})  # fmt: skip
+    better = returns > best["returns"]  # (K,)
+    pick = lambda new, old: np.where(better.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    return dict(returns=np.where(better, returns, best["returns"]),
+                iterations=np.where(better, iteration, best["iterations"]),
+                leaves={str(i): pick(x, best["leaves"][str(i)]) for i, x in enumerate(leaves)})  # fmt: skip
+
+
 def train(args, env, network, checkpoint=None):
-    """Trains from scratch, or from a checkpoint (--resume), then evaluates; logs every iteration."""
+    """Trains from scratch, or from a checkpoint (--resume), then evaluates (--absolute-metric: the best params
+    too); logs every iteration. -> the final results, as summary.json keeps them."""
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     tx, learning_rate = make_optimizer(args, num_iterations)
@@ -1293,10 +1330,11 @@ def train(args, env, network, checkpoint=None):
     run, stop = Run(args, env, checkpoint), StopSignal()
     try:
         if checkpoint is None:
-            runners, seconds = init_runners(args, env, network, tx, seed_keys(args)), 0.0
+            runners, seconds, best = init_runners(args, env, network, tx, seed_keys(args)), 0.0, None
             runners = jax.device_put(runners, runner_shardings(mesh))
         else:
             runners, seconds = restore_runners(checkpoint, shapes), checkpoint["seconds"]
+        best = checkpoint and checkpoint.get("best")  # --absolute-metric's best params so far
         start = time.time() - seconds  # a resumed run's SPS counts the time of its earlier parts
         for iteration in range((run.checkpoint_iteration or 0) + 1, num_iterations + 1):
             runners, metrics = update(runners)
@@ -1310,17 +1348,30 @@ def train(args, env, network, checkpoint=None):
             line += f" episodic_return={format_mean(metrics['charts/episodic_return'])}"
             if args.eval_every and iteration % args.eval_every == 0 and not last:
                 params = runners.train_state.params
-                metrics.update(evaluate_and_record(args, evaluate, params, run, iteration))
+                metrics.update(
+                    evaluate_and_record(args, evaluate[args.eval_episodes], params, run, iteration)
+                )
+                if args.absolute_metric:
+                    best = keep_best(best, params, metrics["eval/episodic_return"], iteration)
                 line += f" eval/episodic_return={format_mean(metrics['eval/episodic_return'])}"
             print(f"{line} SPS={sps:.0f}", flush=True)
             run.log(iteration, global_step, metrics, sps, seconds)
-            run.save(runners, iteration, seconds, signum)
+            run.save(runners, iteration, seconds, signum, best)
             if signum and not last:
                 how = f"resume with: python {sys.argv[0]} --resume {run.dir}" if args.checkpoint_every else ""
                 message = f"interrupted after iteration {iteration}; {how or 'no checkpoint (off)'}"
                 run.end(None, 128 + signum, message, reason="interrupted")
         params = runners.train_state.params
-        results = evaluate_and_record(args, evaluate, params, run, num_iterations, final=True)
+        final = evaluate[final_episodes(args)]
+        results = evaluate_and_record(args, final, params, run, num_iterations, FINAL_EVAL)
+        if args.absolute_metric:  # the best params, evaluated anew with 10x the episodes
+            best = keep_best(best, params, results["eval/episodic_return"], num_iterations)
+            leaves = [jnp.asarray(best["leaves"][str(i)]) for i in range(len(best["leaves"]))]
+            best_params = jax.tree.unflatten(jax.tree.structure(params), leaves)
+            again = evaluate[10 * args.eval_episodes]
+            absolute = evaluate_and_record(args, again, best_params, run, num_iterations, ABSOLUTE_EVAL)
+            results.update({k.replace("eval/", "absolute/"): v for k, v in absolute.items()})
+            results["absolute/iteration"] = best["iterations"]
     except jax.errors.JaxRuntimeError as e:
         run.stop_if_out_of_memory(e)
     finally:
@@ -1329,9 +1380,14 @@ def train(args, env, network, checkpoint=None):
     run.end(results, global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
     trained = format_mean(metrics["charts/episodic_return"])
     evaluated = format_mean(results["eval/episodic_return"])
-    how = f"{'greedy' if args.eval_greedy else 'sampled'}, {args.eval_episodes} episodes per seed"
+    how = f"{'greedy' if args.eval_greedy else 'sampled'}, {final_episodes(args)} episodes per seed"
     print(f"trained: episodic_return={trained} (sampled actions, last iteration), "
           f"eval/episodic_return={evaluated} ({how})")  # fmt: skip
+    if args.absolute_metric:
+        print(
+            f"absolute metric: episodic_return={format_mean(results['absolute/episodic_return'])} (the best "
+            f"params of each seed, {10 * args.eval_episodes} episodes; iterations {results['absolute/iteration']})"
+        )
     return results
 
 
@@ -1354,8 +1410,11 @@ def main(args):
     # --load-model: every seed of the saved model, evaluated with its run's final-evaluation keys; no training
     params = load_params(network, env, state)
     args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
-    evaluate, run = jax.jit(over_seeds(make_evaluate(args, env, network))), Run(args, env)
-    results = evaluate_and_record(args, evaluate, params, run, 0, final=True)
+    evaluate = jax.jit(
+        over_seeds(make_evaluate(replace(args, eval_episodes=final_episodes(args)), env, network))
+    )
+    run = Run(args, env)
+    results = evaluate_and_record(args, evaluate, params, run, 0, FINAL_EVAL)
     returns = results["eval/episodic_return"]
     print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
     run.log(0, 0, results)
