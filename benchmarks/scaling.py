@@ -38,7 +38,7 @@ come, so an interrupted sweep keeps what it measured.
     python benchmarks/scaling.py --env-only --env-ids smax-smacv2_5_units --agents 5 10 20 40 80
     python benchmarks/scaling.py --from-csv benchmarks/results/scaling_gpu.csv            # re-plot / re-report
 
-On a GPU (pip install -U "jax[cuda12]") it runs there; JAX_PLATFORMS=cpu forces the CPU. Timings on shared
+On a GPU (pip install "jax[cuda12]>=0.6,<0.11") it runs there; JAX_PLATFORMS=cpu forces the CPU. Timings on shared
 machines drift: compare methods within one run.
 """
 
