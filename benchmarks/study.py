@@ -24,8 +24,9 @@ study_evals.csv (runs made on another machine). It writes to benchmarks/results/
                        evaluation of its data (paper_evaluations.csv, 10 seeds).
   study_aggregate.csv  over the tasks where MAM and MAT are complete: IQM and mean of min-max normalised returns
                        (per task, over every algo's seeds) and the probability of improvement, with 95%
-                       stratified-bootstrap CIs, from rliable (what marl-eval wraps: marl-eval 0.0.4 pins
-                       pandas==1.4.4 and importlib-metadata<5, which do not install beside this stack).
+                       stratified-bootstrap CIs, from rliable, which marl-eval wraps: `pip install
+                       id-marl-eval` (0.0.4, its last release) fails beside this stack, as it pins pandas==1.4.4,
+                       which has no wheel for Python 3.11 and whose source build fails (and predates numpy 2).
   study_marl_eval.json every run in marl-eval's raw-data format (env / task / algo / seed_k / step_i), metric
                        mean_episode_return as a one-element list: the mean over that evaluation's episodes, as
                        in the paper's own files.
