@@ -7,16 +7,22 @@ global state (all agents' observations) and predicts the team's return. The base
 
     python mappo.py --env-id lbf-8x8-2p-2f-coop --total-timesteps 300000
     python mappo.py --help
+
+From Python, `mappo.train(mappo.Args(env_id="lbf-8x8-2p-2f-coop"))` returns the run's summary (summary.json);
+RunError says why a run cannot go on. Top-down: Args, the network, PPO, the Env it needs; below the fold, the
+plumbing (devices and seeds, command line and saved state, the Jumanji and SMAX envs, the run folder, main).
 """
 
 import csv
+import errno
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Protocol
 
 import flax.linen as nn
 import flax.serialization
@@ -198,21 +204,26 @@ class Runner(NamedTuple):
     key: jax.Array
 
 
-def make_update_step(args, env, network, mesh=None):
-    """The whole PPO iteration as one pure function of the runner state. With a device mesh, every minibatch is
-    split over its devices: each computes the gradient of its share and XLA averages them (an all-reduce), so
-    the replicated params stay identical on every device."""
+def no_split(tree, axis):
+    """The `split` of the functions below when the caller gives none: nothing is split over devices. A caller's
+    split(tree, axis) places that axis of every leaf (the envs of the pool of start states, the samples of each
+    minibatch) over its devices; each device then computes its share and XLA averages the gradients."""
+    return tree
+
+
+def make_update_step(args, env, network, split=no_split):
+    """The whole PPO iteration as one pure function of the runner state (env: see Env below)."""
 
     def update_step(runner):
         key, pool_key, perm_key = jax.random.split(runner.key, 3)
         # 1. rollout: T steps of the B envs with the current policy
-        runner, traj, metrics = rollout(args, env, network, runner._replace(key=key), pool_key, mesh)
+        runner, traj, metrics = rollout(args, env, network, runner._replace(key=key), pool_key, split)
         # 2. advantages: GAE, bootstrapped from the value after the last step and at truncations
         last_values = get_value(network, runner.train_state.params, runner.obs, runner.action_mask)
         advantages, returns = compute_gae(traj, last_values, args.gamma, args.gae_lambda)
         # 3. update: update_epochs x num_minibatches gradient steps on the PPO loss
         data = (traj, advantages, returns)
-        train_state, info = ppo_update(args, network, runner.train_state, data, perm_key, mesh)
+        train_state, info = ppo_update(args, network, runner.train_state, data, perm_key, split)
         metrics.update({f"losses/{k}": v.mean() for k, v in info.items()})
         # whether every param is still finite: the run stops where they are not (Run.stop_if_diverged)
         finite = [jnp.isfinite(x).all() for x in jax.tree.leaves(train_state.params)]
@@ -222,14 +233,13 @@ def make_update_step(args, env, network, mesh=None):
     return update_step
 
 
-def rollout(args, env, network, runner, pool_key, mesh=None):
+def rollout(args, env, network, runner, pool_key, split=no_split):
     """T steps of the B envs with the current policy. -> the runner after them, the Transitions (T, B, ...),
     and the means over the episodes that ended in the rollout (NaN if none did)."""
     B = args.num_envs
     # Auto-reset from a pool of fresh start states made once per rollout: Jumanji's AutoResetWrapper would
     # compute a reset for every env on every step under vmap, which costs more than the step itself.
-    # Each device resets its own envs.
-    pool = shard(jax.vmap(env.reset)(jax.random.split(pool_key, B)), mesh, P("data"))
+    pool = split(jax.vmap(env.reset)(jax.random.split(pool_key, B)), 0)
 
     def env_step(runner, _):
         obs_t, mask_t = runner.obs, runner.action_mask
@@ -282,7 +292,7 @@ def compute_gae(traj, last_values, gamma, gae_lambda):
     return advantages, advantages + values
 
 
-def ppo_update(args, network, train_state, data, key, mesh=None):
+def ppo_update(args, network, train_state, data, key, split=no_split):
     """update_epochs passes over the rollout's data (Transitions, advantages, returns; (T, B, ...) each), each
     in num_minibatches shuffled minibatches of M. -> the new train state, the loss parts of every minibatch."""
     batch_size = args.num_envs * args.num_steps
@@ -297,9 +307,8 @@ def ppo_update(args, network, train_state, data, key, mesh=None):
         key, perm_key = jax.random.split(key)
         perm = jax.random.permutation(perm_key, batch_size)
         shuffle = lambda x: x.reshape((batch_size,) + x.shape[2:])[perm].reshape((-1, M) + x.shape[2:])
-        # (num_minibatches, M, ...), each minibatch split over the devices
-        minibatches = jax.tree.map(shuffle, data)
-        minibatches = shard(minibatches, mesh, P(None, "data"))
+        minibatches = jax.tree.map(shuffle, data)  # (num_minibatches, M, ...)
+        minibatches = split(minibatches, 1)
         train_state, info = jax.lax.scan(update_minibatch, train_state, minibatches)
         return (train_state, key), info
 
@@ -346,16 +355,15 @@ def make_optimizer(args, num_iterations):
     return tx, lambda iteration: lr(iteration * updates_per_iteration) if args.anneal_lr else lr
 
 
-def make_evaluate(args, env, network):
+def make_evaluate(args, env, network, record=None):
     """One episode in each of args.eval_episodes fresh envs, side by side, with sampled actions (--eval-greedy:
-    argmax). -> the episodes' mean metrics, and with --capture-video env 0's states (time_limit + 1, ...) and
-    its episode length (evaluate_and_record draws them), else None."""
+    argmax). -> the episodes' mean metrics; and, given record (a function of the envs' batched state), its value at
+    the start and after every step, stacked (time_limit + 1, ...), with each episode's length; else None."""
 
     def evaluate(params, key):
         reset_key, act_key = jax.random.split(key)
         state, obs, mask = jax.vmap(env.reset)(jax.random.split(reset_key, args.eval_episodes))
         zeros = jnp.zeros(args.eval_episodes)
-        env0 = lambda tree: jax.tree.map(lambda x: x[0], tree)  # the recorded env's share of a batch
 
         def step(carry, t):
             state, obs, mask, alive, ret, length, success = carry
@@ -364,17 +372,17 @@ def make_evaluate(args, env, network):
             state, obs, mask, reward, term, trunc, succ = jax.vmap(env.step)(state, actions)
             ret, length = ret + reward * alive, length + alive
             success = jnp.where(alive, succ, success)
-            frame = env0(state) if args.capture_video else None
-            return (state, obs, mask, alive & ~(term | trunc), ret, length, success), frame
+            carry = (state, obs, mask, alive & ~(term | trunc), ret, length, success)
+            return carry, None if record is None else record(state)
 
         carry = (state, obs, mask, jnp.ones(args.eval_episodes, bool), zeros, zeros, zeros)
-        (_, _, _, _, ret, length, success), frames = jax.lax.scan(step, carry, jnp.arange(env.time_limit))
+        (_, _, _, _, ret, length, success), recorded = jax.lax.scan(step, carry, jnp.arange(env.time_limit))
         episodes = dict(episodic_return=ret, episodic_length=length, success=success)
         metrics = {f"eval/{name}": x.mean() for name, x in episodes.items()}
-        if not args.capture_video:
+        if record is None:
             return metrics, None
-        frames = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), env0(state), frames)
-        return metrics, (frames, length[0].astype(jnp.int32))
+        first_and_rest = lambda first, rest: jnp.concatenate([first[None], rest])
+        return metrics, (jax.tree.map(first_and_rest, record(state), recorded), length)
 
     return evaluate
 
@@ -382,7 +390,250 @@ def make_evaluate(args, env, network):
 # ----------------------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------------------
-# alias -> (family, generator kwargs, time limit); the raw ids carry Jumanji 1.1.2's defaults.
+class Env(Protocol):
+    """What PPO needs of a cooperative multi-agent env: N agents, each observing O floats and choosing one of A
+    actions, some of them illegal at times; one team reward. Every method is a pure, jittable function of an
+    explicit state (PPO vmaps them over its envs); the env does not reset itself: PPO resets every finished episode
+    from a pool of reset states, so that the observation after the last step of an episode is its true one.
+    The scripts' Jumanji (RWARE, LBF, Connector) and SMAX envs are below the fold."""
+
+    num_agents: int  # N
+    obs_dim: int  # O
+    action_dim: int  # A
+    time_limit: int  # the most steps of an episode: an evaluation runs this many
+
+    def reset(self, key):
+        """-> state, observations (N, O) float32, action mask (N, A) bool (True: legal; at least one per agent)."""
+
+    def step(self, state, actions):
+        """actions (N,) int32, legal -> state, observations (N, O), action mask (N, A), team reward, terminated,
+        truncated, success (scalars: float32, bool, bool, float32). Terminated: the episode ended for good (PPO
+        bootstraps nothing); truncated: the time limit cut it (PPO bootstraps from the value of the returned
+        observation); success: the env's own figure of the episode so far (NaN if it has none)."""
+
+
+# ==========================================================================================================
+# Below the fold: plumbing, the same in mappo.py, mat_ppo.py and mam_ppo.py (devices and seeds, command line and
+# saved state, the Jumanji and SMAX envs, the run folder, main). Nothing below is needed to understand the algorithm.
+# ==========================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices and seeds
+# ----------------------------------------------------------------------------------------------------------
+def make_mesh(args):
+    """A 1-D mesh over --num-devices devices of every process (host); the env batch is split along "data"."""
+    n = args.num_devices or jax.local_device_count()
+    hosts = [[d for d in jax.devices() if d.process_index == p][:n] for p in range(jax.process_count())]
+    return Mesh(np.array(sum(hosts, [])), ("data",))
+
+
+def split_over(mesh):
+    """The update step's `split`: data parallelism. The given axis of every leaf is split over the mesh's devices;
+    each computes the gradient of its share of a minibatch and XLA averages them (an all-reduce), so the
+    replicated params stay identical on every device."""
+
+    def split(tree, axis):
+        sharding = NamedSharding(mesh, P(*[None] * axis, "data"))
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+    return split
+
+
+def runner_shardings(mesh):
+    """Runner fields (K seeds, B envs, ...) live split over the devices on B; train state and key replicated."""
+    over_envs, replicated = NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())
+    return Runner(*(replicated if f in ("train_state", "key") else over_envs for f in Runner._fields))
+
+
+def over_seeds(f):
+    """f vmapped over the leading seed axis of its arguments. A single seed skips vmap: a batch axis of size 1
+    slows XLA:CPU down."""
+
+    def run(*xs):
+        if jax.tree.leaves(xs)[0].shape[0] > 1:
+            return jax.vmap(f)(*xs)
+        return jax.tree.map(lambda y: y[None], f(*jax.tree.map(lambda x: x[0], xs)))
+
+    return run
+
+
+FINAL_EVAL, ABSOLUTE_EVAL = 10**6, 2 * 10**6
+
+
+def seed_keys(args, offset=0):
+    """One PRNG key per seed (K,): seed k of --num-seeds K draws what a run with --seed seed+k draws. Each use has
+    its own offset so that no two share a key stream: 0 trains, 1000 * i is the evaluation after iteration i,
+    FINAL_EVAL the final evaluation (and a loaded model's: it reproduces the final evaluation of its run),
+    ABSOLUTE_EVAL the re-evaluation of the best params (--absolute-metric)."""
+    return jax.vmap(jax.random.PRNGKey)(args.seed + offset + jnp.arange(args.num_seeds))
+
+
+def init_runners(args, env, network, tx, keys):
+    """One runner per seed, stacked on a leading seed axis. The seeds are initialised one after another because
+    jit(vmap(init)) of MAT's many orthogonal inits can hang XLA:CPU."""
+
+    @jax.jit
+    def init_runner(key):
+        key, net_key, env_key = jax.random.split(key, 3)
+        params = init_params(network, net_key, env)
+        train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
+        state, obs, mask = jax.vmap(env.reset)(jax.random.split(env_key, args.num_envs))
+        zeros = jnp.zeros(args.num_envs)
+        int_zeros = zeros.astype(jnp.int32)
+        return Runner(train_state, state, obs, mask, zeros, int_zeros, int_zeros, key)
+
+    return jax.tree.map(lambda *x: jnp.stack(x), *[init_runner(key) for key in keys])
+
+
+def runner_shapes(args, env, network, tx, shardings):
+    """The runners' shapes, dtypes and shardings, computing nothing: to compile, check memory, read a checkpoint."""
+    shapes = jax.eval_shape(lambda: init_runners(args, env, network, tx, seed_keys(args)))
+    place = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(lambda s, tree: jax.tree.map(lambda x: place(x, s), tree), shardings, shapes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line and saved state
+# ----------------------------------------------------------------------------------------------------------
+class RunError(Exception):
+    """The run cannot go on: bad input or a missing or corrupt saved state (found before anything is compiled or
+    written), too little memory or disk, or a run that stopped early (diverged, interrupted), which stopped.json
+    in its folder describes and --resume continues. The command line prints `line` and exits with exit_code: 2
+    for bad input, 1 for a run that failed on its way, 128 + the signal's number for an interruption."""
+
+    def __init__(self, message, exit_code=2):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.line = (
+            message if exit_code > 128 else f"error: {message}"
+        )  # an interruption asked for is no error
+
+
+def check_args(args):
+    for name in ["num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "eval_episodes"]:
+        if getattr(args, name) < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ["eval_every", "checkpoint_every", "final_eval_episodes"]:
+        if getattr(args, name) < 0:
+            raise RunError(f"--{name.replace('_', '-')} must be 0 (off) or more (got {getattr(args, name)})")
+    if args.resume is not None and (args.load_model is not None or jax.process_count() > 1):
+        raise RunError(
+            "--resume continues a single-process training run: not with --load-model or several processes"
+        )
+    if not (args.learning_rate > 0 and 0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
+        raise RunError("--learning-rate must be > 0 and --gamma, --gae-lambda within [0, 1]")
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches:
+        raise RunError(
+            f"num_envs * num_steps = {batch} is not divisible by --num-minibatches {args.num_minibatches}"
+        )
+    if args.load_model is None and args.total_timesteps < batch:
+        raise RunError(
+            f"--total-timesteps {args.total_timesteps} is below one batch (num_envs * num_steps = {batch})"
+        )
+    env_config(args.env_id, args.num_agents)  # a bad --env-id or --num-agents
+    local = jax.local_device_count()
+    if not 0 <= args.num_devices <= local:
+        raise RunError(
+            f"--num-devices must be within [0, {local}] (0: all local devices; got {args.num_devices})"
+        )
+    devices = (args.num_devices or local) * jax.process_count()
+    if args.num_envs % devices:
+        raise RunError(
+            f"--num-envs {args.num_envs} is not divisible by the {devices} devices it is split over"
+        )
+
+
+def saved_args(run_dir):
+    """The flags of the run in run_dir (its args.json), for --resume and --load-model."""
+    path = os.path.join(run_dir, "args.json")
+    try:
+        with open(path) as f:
+            return Args(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise RunError(f"cannot read the run's flags from {path} ({type(e).__name__}: {e})") from e
+
+
+def read_state(path, flag, key):
+    """A .msgpack file this script wrote (nested dicts of arrays), which holds key; one line if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            state = flax.serialization.msgpack_restore(f.read())
+        if key not in state:
+            raise KeyError(key)
+        return state
+    except Exception as e:  # missing or unreadable: say which, no traceback
+        raise RunError(f"{flag}: cannot read {path} ({type(e).__name__}: {e})") from e
+
+
+def load_model(args):
+    """--load-model: args with the saved run's env and network (other flags stay), the params' state dict."""
+    path = args.load_model
+    model_path = os.path.join(path, "model.msgpack") if os.path.isdir(path) else path
+    if not os.path.isfile(model_path):
+        raise RunError(f"--load-model: no such model file {model_path}")
+    saved = saved_args(os.path.dirname(model_path))
+    args = replace(args, **{k: getattr(saved, k) for k in ("env_id", "num_agents", *NETWORK_ARGS)})
+    check_args(args)  # again: the saved env and network replaced the flags'
+    return args, read_state(model_path, "--load-model", "params")
+
+
+def load_params(network, env, state):
+    """Params (with their leading seed axis) from a saved model's state dict, checked against the network."""
+    try:
+        num_seeds = jax.tree.leaves(state)[0].shape[0]
+        init = jax.vmap(lambda key: init_params(network, key, env))
+        template = jax.eval_shape(init, jax.random.split(jax.random.PRNGKey(0), num_seeds))
+        params = flax.serialization.from_state_dict(template, state)
+        pairs = zip(jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(params))
+        bad = [jax.tree_util.keystr(path) for (path, want), got in pairs if want.shape != got.shape]
+    except Exception as e:
+        raise RunError(
+            f"--load-model: the saved params do not fit this network ({type(e).__name__}: {e})"
+        ) from e
+    if bad:
+        raise RunError(
+            f"--load-model: the saved params do not fit this network (shapes differ at {', '.join(bad)})"
+        )
+    return jax.tree.map(jnp.asarray, params)
+
+
+# the flags a resumed run may change: none of them changes what it computes (more devices change float sums)
+RESUME_MAY_CHANGE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "save_model", "resume",
+                     "checkpoint_every", "num_devices", "total_timesteps", "capture_video")  # fmt: skip
+
+
+def read_resume(args):
+    """--resume RUN_DIR: the run's flags must be the saved ones, but for RESUME_MAY_CHANGE; a longer
+    --total-timesteps extends the run. -> the checkpoint (iteration, seconds, the runner's leaves)."""
+    saved = saved_args(args.resume)
+    changed = [f for f in vars(args) if f not in RESUME_MAY_CHANGE and getattr(args, f) != getattr(saved, f)]
+    given = [f"--{f.replace('_', '-')} {getattr(args, f)} (run: {getattr(saved, f)})" for f in changed]
+    if changed:
+        raise RunError(f"--resume: these flags would change what the run computes: {', '.join(given)}")
+    checkpoint = read_state(os.path.join(args.resume, "checkpoint.msgpack"), "--resume", "iteration")
+    iteration, batch = int(checkpoint["iteration"]), args.num_envs * args.num_steps
+    if args.total_timesteps // batch <= iteration:
+        raise RunError(f"--resume: the run has done its {iteration} iterations ({iteration * batch} steps); to "
+                       f"go on, give a larger --total-timesteps")  # fmt: skip
+    return checkpoint
+
+
+def restore_runners(checkpoint, shapes):
+    """The runners of a checkpoint, placed on the devices as shapes (runner_shapes) says."""
+    leaves = [checkpoint["leaves"][str(i)] for i in range(len(checkpoint["leaves"]))]
+    want = jax.tree.leaves(shapes)
+    if [(x.shape, x.dtype) for x in leaves] != [(w.shape, w.dtype) for w in want]:
+        raise RunError("--resume: the checkpoint's arrays do not fit the runner state of this script")
+    placed = [jax.device_put(x, w.sharding) for x, w in zip(leaves, want)]
+    return jax.tree.unflatten(jax.tree.structure(shapes), placed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Jumanji and SMAX envs
+# ----------------------------------------------------------------------------------------------------------
+# alias -> (family, generator kwargs, time limit); the raw ids carry Jumanji's defaults.
 def _rware(rows, agents, queue):
     kw = dict(shelf_rows=rows, shelf_columns=3, column_height=8, num_agents=agents, sensor_range=1)
     return ("rware", dict(kw, request_queue_size=queue), 500)
@@ -397,7 +648,7 @@ def _connector(grid, agents, time_limit=None):
     return ("connector", dict(grid_size=grid, num_agents=agents), time_limit or grid * grid)
 
 
-# SMAX (JaxMARL's SMAC / SMACv2): scenario -> (allies, enemies), as jaxmarl 0.2's map_name_to_scenario has them
+# SMAX (JaxMARL's SMAC / SMACv2): scenario -> (allies, enemies), as jaxmarl's map_name_to_scenario has them
 # (written out here: importing jaxmarl starts XLA, and env_config must not). smacv2_* draw unit types and start
 # positions at random every episode. All end after jaxmarl's default 100 steps.
 SMAX_SCENARIOS = {
@@ -428,20 +679,16 @@ ENVS = {
 SUCCESS_KEY = {"rware": None, "lbf": "percent_eaten", "connector": "ratio_connections"}
 
 
-class EnvError(ValueError):
-    """A bad --env-id / --num-agents: reported as one line before anything is compiled."""
-
-
 def env_config(env_id, num_agents=None):
     """(family, generator kwargs, time limit) for env_id, resized to num_agents. Pure Python, no JAX."""
     if env_id not in ENVS:
-        raise EnvError(f"unknown --env-id {env_id!r}; choose one of: {', '.join(ENVS)}")
+        raise RunError(f"unknown --env-id {env_id!r}; choose one of: {', '.join(ENVS)}")
     family, kw, time_limit = ENVS[env_id]
     kw = dict(kw)
     if num_agents is None or num_agents == kw["num_agents"]:
         return family, kw, time_limit
     if num_agents < 1:
-        raise EnvError(f"--num-agents must be a positive number of agents (got {num_agents})")
+        raise RunError(f"--num-agents must be a positive number of agents (got {num_agents})")
     kw["num_agents"] = num_agents
     if family == "rware":
         # agents spawn on any cell: keep >= 3 cells per agent, alternately widen and lengthen
@@ -453,7 +700,7 @@ def env_config(env_id, num_agents=None):
                 kw["shelf_rows"] += 1
     elif family == "smax":  # the smacv2 scenarios draw their units at random: N of them per side
         if not kw["scenario"].startswith("smacv2"):
-            raise EnvError(
+            raise RunError(
                 f"--num-agents: {env_id} is a fixed SMAC map ({kw['num_agents']} allies vs {kw['num_enemies']} "
                 "enemies); only the smax-smacv2_* scenarios take another count (N vs N)"
             )
@@ -471,12 +718,16 @@ def env_config(env_id, num_agents=None):
     return family, kw, time_limit
 
 
-class Env(NamedTuple):
-    """A Jumanji or SMAX multi-agent env seen the same way for every family (all methods are pure and jittable).
-    A SMAX state is (key, JaxMARL state): SMAX's step draws random numbers, our step takes no key."""
+def with_agent_ids(obs, agent_ids):
+    """(N, O) -> (N, O + N), the one-hot agent id last, if agent_ids; else obs as it is."""
+    return jnp.concatenate([obs, jnp.eye(obs.shape[0])], -1) if agent_ids else obs
+
+
+class JumanjiEnv(NamedTuple):
+    """A Jumanji env (RobotWarehouse, LevelBasedForaging, Connector) as the Env above: pure and jittable."""
 
     env: object
-    family: str
+    family: str  # "rware", "lbf" or "connector"
     num_agents: int
     obs_dim: int
     action_dim: int
@@ -485,54 +736,22 @@ class Env(NamedTuple):
 
     def observe(self, observation):
         """Per-agent float observation (N, obs_dim), the one-hot agent id last if agent_ids."""
-        obs = self.observe_env(observation)
-        return jnp.concatenate([obs, jnp.eye(self.num_agents)], -1) if self.agent_ids else obs
-
-    def observe_env(self, observation):
-        if self.family == "smax":  # one vector per ally (plus "world_state", unused: see README)
-            return jnp.stack([observation[agent] for agent in self.env.agents]).astype(jnp.float32)
         if self.family != "connector":
-            return observation.agents_view.astype(jnp.float32)
+            return with_agent_ids(observation.agents_view.astype(jnp.float32), self.agent_ids)
         # Connector-v3 shares one (G, G) grid where agent i's path / position / target read 3i+1 / 3i+2 / 3i+3:
         # agent i sees six planes: its own path / position / target, then everybody else's.
         grid = observation.grid  # (G, G)
         owner, kind = (grid - 1) // 3, (grid - 1) % 3
         own = owner[None] == jnp.arange(self.num_agents)[:, None, None]  # (N, G, G)
         planes = [(grid > 0) & (kind == k) & whose for whose in (own, ~own) for k in range(3)]
-        return jnp.stack(planes, -1).reshape(self.num_agents, -1).astype(jnp.float32)  # (N, 6 G^2)
+        obs = jnp.stack(planes, -1).reshape(self.num_agents, -1).astype(jnp.float32)  # (N, 6 G^2)
+        return with_agent_ids(obs, self.agent_ids)
 
     def reset(self, key):
-        if self.family == "smax":
-            key, reset_key = jax.random.split(key)
-            obs, state = self.env.reset(reset_key)
-            return (key, state), self.observe(obs), self.smax_mask(state)
         state, ts = self.env.reset(key)
         return state, self.observe(ts.observation), ts.observation.action_mask
 
-    def smax_mask(self, state):
-        masks = self.env.get_avail_actions(state)  # ally -> (A,) uint8; dead allies may only stop
-        return jnp.stack([masks[agent] for agent in self.env.agents]).astype(bool)
-
-    def smax_step(self, state, actions):
-        # step_env, not JaxMARL's step: that one computes a reset on every step (our pool resets instead)
-        key, step_key = jax.random.split(state[0])
-        actions = dict(zip(self.env.agents, actions))
-        obs, state, rewards, _, _ = self.env.step_env(step_key, state[1], actions)
-        alive = state.state.unit_alive  # (allies + enemies,)
-        allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
-        # one side wiped out is a termination; the time limit otherwise ends the episode (a truncation). Counted
-        # here: JaxMARL's own done tests the step count before it adds the step, one step late (101 steps).
-        terminated = allies_dead | enemies_dead
-        truncated = (state.state.step >= self.time_limit) & ~terminated
-        won = enemies_dead & ~allies_dead  # as JaxMARL's win bonus: a draw is no win
-        reward = rewards[self.env.agents[0]]  # every ally gets the same team reward (tested): count it once
-        mask = self.smax_mask(state)
-        return (key, state), self.observe(obs), mask, reward, terminated, truncated, won.astype(jnp.float32)
-
     def step(self, state, actions):
-        """-> state, obs (N, O), action mask (N, A), team reward, terminated, truncated, success figure."""
-        if self.family == "smax":
-            return self.smax_step(state, actions)
         state, ts = self.env.step(state, actions)
         obs = ts.observation
         # Every family ends at its time limit with step_count == time_limit: that is a truncation (bootstrap),
@@ -549,28 +768,74 @@ class Env(NamedTuple):
         import matplotlib
 
         matplotlib.use("Agg")  # off-screen
-        if self.family == "smax":
-            # JaxMARL's drawing of one SMAX state, once per env step (its visualiser also re-simulates and draws
-            # the 8 world ticks between steps, eagerly: minutes an episode)
-            import matplotlib.pyplot as plt
-            from matplotlib.animation import FuncAnimation
+        # 10 frames per second, 300 px wide: matplotlib's time grows with the pixels
+        self.env.animate(states, interval=100).save(path, writer="pillow", dpi=30)
 
-            fig, ax = plt.subplots(figsize=(6, 5))
-            plt.close(fig)
-            smax = [s.state for _, s in states]
-            draw = lambda t: self.env.init_render(
-                ax, (None, smax[t], dict(zip(self.env.all_agents, smax[t].prev_attack_actions))), 0, t
-            )
-            animation = FuncAnimation(fig, draw, frames=len(states), interval=100)
-        else:
-            animation = self.env.animate(states, interval=100)  # 10 frames per second
-        # 300 px wide: matplotlib's time grows with the pixels
-        animation.save(path, writer="pillow", dpi=50 if self.family == "smax" else 30)
+
+class SmaxEnv(NamedTuple):
+    """JaxMARL's SMAX as the Env above: pure and jittable. A state is (key, JaxMARL state): SMAX's step draws
+    random numbers, Env.step takes no key."""
+
+    env: object
+    num_agents: int  # the allies
+    obs_dim: int
+    action_dim: int
+    time_limit: int
+    agent_ids: bool  # whether observe appends the one-hot agent id
+
+    def observe(self, observation):
+        """One vector per ally (JaxMARL's "world_state" is not used), the one-hot agent id last if agent_ids."""
+        obs = jnp.stack([observation[agent] for agent in self.env.agents]).astype(jnp.float32)
+        return with_agent_ids(obs, self.agent_ids)
+
+    def mask(self, state):
+        masks = self.env.get_avail_actions(state)  # ally -> (A,) uint8; dead allies may only stop
+        return jnp.stack([masks[agent] for agent in self.env.agents]).astype(bool)
+
+    def reset(self, key):
+        key, reset_key = jax.random.split(key)
+        obs, state = self.env.reset(reset_key)
+        return (key, state), self.observe(obs), self.mask(state)
+
+    def step(self, state, actions):
+        # step_env, not JaxMARL's step: that one computes a reset on every step (PPO's pool resets instead)
+        key, step_key = jax.random.split(state[0])
+        actions = dict(zip(self.env.agents, actions))
+        obs, state, rewards, _, _ = self.env.step_env(step_key, state[1], actions)
+        alive = state.state.unit_alive  # (allies + enemies,)
+        allies_dead, enemies_dead = ~alive[: self.num_agents].any(), ~alive[self.num_agents :].any()
+        # one side wiped out is a termination; the time limit otherwise ends the episode (a truncation). Counted
+        # here: JaxMARL's own done tests the step count before it adds the step, one step late (101 steps).
+        terminated = allies_dead | enemies_dead
+        truncated = (state.state.step >= self.time_limit) & ~terminated
+        won = enemies_dead & ~allies_dead  # as JaxMARL's win bonus: a draw is no win
+        reward = rewards[self.env.agents[0]]  # every ally gets the same team reward: count it once
+        mask = self.mask(state)
+        return (key, state), self.observe(obs), mask, reward, terminated, truncated, won.astype(jnp.float32)
+
+    def animate(self, states, path):
+        """Host side: draws an episode (a list of unbatched states) into a GIF with JaxMARL's drawing of a state,
+        once per env step (its visualiser also re-simulates and draws the world ticks between steps, eagerly:
+        far slower)."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # off-screen
+        import matplotlib.pyplot as plt
+        from matplotlib.animation import FuncAnimation
+
+        fig, ax = plt.subplots(figsize=(6, 5))
+        plt.close(fig)
+        smax = [s.state for _, s in states]
+        draw = lambda t: self.env.init_render(
+            ax, (None, smax[t], dict(zip(self.env.all_agents, smax[t].prev_attack_actions))), 0, t
+        )
+        FuncAnimation(fig, draw, frames=len(states), interval=100).save(path, writer="pillow", dpi=50)
 
 
 def make_env(env_id, num_agents=None, agent_ids=False):
-    """The env of env_id with num_agents agents; agent_ids appends a one-hot id to each agent's observation, except
-    on Connector, whose observation already tells the agents apart (Mava's implicit_agent_id)."""
+    """The env of env_id with num_agents agents (a JumanjiEnv or a SmaxEnv); agent_ids appends a one-hot id to
+    each agent's observation, except on Connector, whose observation already tells the agents apart (Mava's
+    implicit_agent_id)."""
     family, kw, time_limit = env_config(env_id, num_agents)
     agent_ids = agent_ids and family != "connector"
     # jaxmarl and jumanji here, not at the top: importing them starts XLA, which jax.distributed.initialize()
@@ -587,7 +852,7 @@ def make_env(env_id, num_agents=None, agent_ids=False):
         env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, max_steps=time_limit, see_enemy_actions=True,
                            walls_cause_death=True, attack_mode="closest")  # fmt: skip
         obs_dim, action_dim = env.observation_spaces["ally_0"].shape[0], env.action_spaces["ally_0"].n
-        return Env(env, family, n, obs_dim + n * agent_ids, action_dim, time_limit, agent_ids)
+        return SmaxEnv(env, n, obs_dim + n * agent_ids, action_dim, time_limit, agent_ids)
     from jumanji.environments import Connector, LevelBasedForaging, RobotWarehouse
     from jumanji.environments.routing.connector.generator import RandomWalkGenerator
     from jumanji.environments.routing.lbf.generator import RandomGenerator as LBFGenerator
@@ -601,201 +866,9 @@ def make_env(env_id, num_agents=None, agent_ids=False):
     env = env_class(generator=generator(**kw), time_limit=time_limit)
     num_agents, action_dim = env.action_spec.shape[0], int(env.action_spec.num_values[0])
     obs_dim = 6 * kw["grid_size"] ** 2 if family == "connector" else env.observation_spec.agents_view.shape[1]
-    return Env(env, family, num_agents, obs_dim + num_agents * agent_ids, action_dim, time_limit, agent_ids)
-
-
-# ==========================================================================================================
-# Below the fold: plumbing, the same in mappo.py, mat_ppo.py and mam_ppo.py (devices and seeds, command line and
-# saved state, the run folder, main). Nothing below is needed to understand the algorithm.
-# ==========================================================================================================
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Devices and seeds
-# ----------------------------------------------------------------------------------------------------------
-def make_mesh(args):
-    """A 1-D mesh over --num-devices devices of every process (host); the env batch is split along "data"."""
-    n = args.num_devices or jax.local_device_count()
-    hosts = [[d for d in jax.devices() if d.process_index == p][:n] for p in range(jax.process_count())]
-    return Mesh(np.array(sum(hosts, [])), ("data",))
-
-
-def shard(tree, mesh, spec):
-    """Pin every leaf's axes to the mesh as spec says ("data": split over the devices); no-op without a mesh."""
-    if mesh is None:
-        return tree
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)), tree)
-
-
-def runner_shardings(mesh):
-    """Runner fields (K seeds, B envs, ...) live split over the devices on B; train state and key replicated."""
-    over_envs, replicated = NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())
-    return Runner(*(replicated if f in ("train_state", "key") else over_envs for f in Runner._fields))
-
-
-def over_seeds(f):
-    """f vmapped over the leading seed axis of its arguments. A single seed skips vmap: a batch axis of size 1
-    doubled MAM's update time on XLA:CPU (jax 0.10.2)."""
-
-    def run(*xs):
-        if jax.tree.leaves(xs)[0].shape[0] > 1:
-            return jax.vmap(f)(*xs)
-        return jax.tree.map(lambda y: y[None], f(*jax.tree.map(lambda x: x[0], xs)))
-
-    return run
-
-
-FINAL_EVAL, ABSOLUTE_EVAL = 10**6, 2 * 10**6
-
-
-def seed_keys(args, offset=0):
-    """One PRNG key per seed (K,): seed k of --num-seeds K draws what a run with --seed seed+k draws. Each use has
-    its own offset so that no two share a key stream: 0 trains, 1000 * i is the evaluation after iteration i,
-    FINAL_EVAL the final evaluation (and a loaded model's: it reproduces the final evaluation of its run),
-    ABSOLUTE_EVAL the re-evaluation of the best params (--absolute-metric)."""
-    return jax.vmap(jax.random.PRNGKey)(args.seed + offset + jnp.arange(args.num_seeds))
-
-
-def init_runners(args, env, network, tx, keys):
-    """One runner per seed, stacked on a leading seed axis. The seeds are initialised one after another because
-    jit(vmap(init)) of MAT's many orthogonal inits deadlocks XLA:CPU (jax 0.10.2; found with --num-seeds 2)."""
-
-    @jax.jit
-    def init_runner(key):
-        key, net_key, env_key = jax.random.split(key, 3)
-        params = init_params(network, net_key, env)
-        train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-        state, obs, mask = jax.vmap(env.reset)(jax.random.split(env_key, args.num_envs))
-        zeros = jnp.zeros(args.num_envs)
-        int_zeros = zeros.astype(jnp.int32)
-        return Runner(train_state, state, obs, mask, zeros, int_zeros, int_zeros, key)
-
-    return jax.tree.map(lambda *x: jnp.stack(x), *[init_runner(key) for key in keys])
-
-
-def runner_shapes(args, env, network, tx, shardings):
-    """The runners' shapes, dtypes and shardings, computing nothing: to compile, check memory, read a checkpoint."""
-    shapes = jax.eval_shape(lambda: init_runners(args, env, network, tx, seed_keys(args)))
-    place = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree.map(lambda s, tree: jax.tree.map(lambda x: place(x, s), tree), shardings, shapes)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line and saved state
-# ----------------------------------------------------------------------------------------------------------
-def fail(message):
-    """Bad input: one line on stderr and exit code 2, before anything is compiled or written."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_args(args):
-    for name in ["num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "eval_episodes"]:
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    for name in ["eval_every", "checkpoint_every", "final_eval_episodes"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be 0 (off) or more (got {getattr(args, name)})")
-    if args.resume is not None and (args.load_model is not None or jax.process_count() > 1):
-        fail("--resume continues a single-process training run: not with --load-model or several processes")
-    if not (args.learning_rate > 0 and 0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1):
-        fail("--learning-rate must be > 0 and --gamma, --gae-lambda within [0, 1]")
-    batch = args.num_envs * args.num_steps
-    if batch % args.num_minibatches:
-        fail(f"num_envs * num_steps = {batch} is not divisible by --num-minibatches {args.num_minibatches}")
-    if args.load_model is None and args.total_timesteps < batch:
-        fail(f"--total-timesteps {args.total_timesteps} is below one batch (num_envs * num_steps = {batch})")
-    try:
-        env_config(args.env_id, args.num_agents)
-    except EnvError as e:
-        fail(str(e))
-    local = jax.local_device_count()
-    if not 0 <= args.num_devices <= local:
-        fail(f"--num-devices must be within [0, {local}] (0: all local devices; got {args.num_devices})")
-    devices = (args.num_devices or local) * jax.process_count()
-    if args.num_envs % devices:
-        fail(f"--num-envs {args.num_envs} is not divisible by the {devices} devices it is split over")
-
-
-def saved_args(run_dir):
-    """The flags of the run in run_dir (its args.json), for --resume and --load-model."""
-    path = os.path.join(run_dir, "args.json")
-    try:
-        with open(path) as f:
-            return Args(**json.load(f))
-    except (OSError, ValueError, TypeError) as e:
-        fail(f"cannot read the run's flags from {path} ({type(e).__name__}: {e})")
-
-
-def read_state(path, flag, key):
-    """A .msgpack file this script wrote (nested dicts of arrays), which holds key; one line if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            state = flax.serialization.msgpack_restore(f.read())
-        if key not in state:
-            raise KeyError(key)
-        return state
-    except Exception as e:  # missing or unreadable: say which, no traceback
-        fail(f"{flag}: cannot read {path} ({type(e).__name__}: {e})")
-
-
-def load_model(args):
-    """--load-model: args with the saved run's env and network (other flags stay), the params' state dict."""
-    path = args.load_model
-    model_path = os.path.join(path, "model.msgpack") if os.path.isdir(path) else path
-    if not os.path.isfile(model_path):
-        fail(f"--load-model: no such model file {model_path}")
-    saved = saved_args(os.path.dirname(model_path))
-    args = replace(args, **{k: getattr(saved, k) for k in ("env_id", "num_agents", *NETWORK_ARGS)})
-    check_args(args)  # again: the saved env and network replaced the flags'
-    return args, read_state(model_path, "--load-model", "params")
-
-
-def load_params(network, env, state):
-    """Params (with their leading seed axis) from a saved model's state dict, checked against the network."""
-    try:
-        num_seeds = jax.tree.leaves(state)[0].shape[0]
-        init = jax.vmap(lambda key: init_params(network, key, env))
-        template = jax.eval_shape(init, jax.random.split(jax.random.PRNGKey(0), num_seeds))
-        params = flax.serialization.from_state_dict(template, state)
-        pairs = zip(jax.tree_util.tree_leaves_with_path(template), jax.tree.leaves(params))
-        bad = [jax.tree_util.keystr(path) for (path, want), got in pairs if want.shape != got.shape]
-    except Exception as e:
-        fail(f"--load-model: the saved params do not fit this network ({type(e).__name__}: {e})")
-    if bad:
-        fail(f"--load-model: the saved params do not fit this network (shapes differ at {', '.join(bad)})")
-    return jax.tree.map(jnp.asarray, params)
-
-
-# the flags a resumed run may change: none of them changes what it computes (more devices change float sums)
-RESUME_MAY_CHANGE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "save_model", "resume",
-                     "checkpoint_every", "num_devices", "total_timesteps", "capture_video")  # fmt: skip
-
-
-def read_resume(args):
-    """--resume RUN_DIR: the run's flags must be the saved ones, but for RESUME_MAY_CHANGE; a longer
-    --total-timesteps extends the run. -> the checkpoint (iteration, seconds, the runner's leaves)."""
-    saved = saved_args(args.resume)
-    changed = [f for f in vars(args) if f not in RESUME_MAY_CHANGE and getattr(args, f) != getattr(saved, f)]
-    given = [f"--{f.replace('_', '-')} {getattr(args, f)} (run: {getattr(saved, f)})" for f in changed]
-    if changed:
-        fail(f"--resume: these flags would change what the run computes: {', '.join(given)}")
-    checkpoint = read_state(os.path.join(args.resume, "checkpoint.msgpack"), "--resume", "iteration")
-    iteration, batch = int(checkpoint["iteration"]), args.num_envs * args.num_steps
-    if args.total_timesteps // batch <= iteration:
-        fail(f"--resume: the run has done its {iteration} iterations ({iteration * batch} steps); to go on, "
-             f"give a larger --total-timesteps")  # fmt: skip
-    return checkpoint
-
-
-def restore_runners(checkpoint, shapes):
-    """The runners of a checkpoint, placed on the devices as shapes (runner_shapes) says."""
-    leaves = [checkpoint["leaves"][str(i)] for i in range(len(checkpoint["leaves"]))]
-    want = jax.tree.leaves(shapes)
-    if [(x.shape, x.dtype) for x in leaves] != [(w.shape, w.dtype) for w in want]:
-        fail("--resume: the checkpoint's arrays do not fit the runner state of this script")
-    placed = [jax.device_put(x, w.sharding) for x, w in zip(leaves, want)]
-    return jax.tree.unflatten(jax.tree.structure(shapes), placed)
+    return JumanjiEnv(
+        env, family, num_agents, obs_dim + num_agents * agent_ids, action_dim, time_limit, agent_ids
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -828,8 +901,8 @@ def check_memory(compiled, mesh, args):
     need = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
     need = devices * (need + stats.temp_size_in_bytes)
     if need > free:
-        fail(f"out of memory: the update step needs {need / 1e9:.1f} GB, {what}: {free / 1e9:.1f} GB; "
-             f"{memory_hint(args)}")  # fmt: skip
+        raise RunError(f"out of memory: the update step needs {need / 1e9:.1f} GB, {what}: {free / 1e9:.1f} GB; "
+                       f"{memory_hint(args)}")  # fmt: skip
 
 
 class StopSignal:
@@ -850,6 +923,12 @@ class StopSignal:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.restore()
 
 
 def start_wandb(args, run_name, run_dir):
@@ -883,7 +962,8 @@ def make_run_dir(args, resume):
 class Run:
     """The run's folder runs/{run_name}/: args.json, metrics.csv (deterministic numbers, one row per iteration and
     seed), timing.csv (SPS), checkpoint.msgpack, the saved model, videos/, and, last, summary.json for a complete
-    run or stopped.json for one that stopped early (interrupted, diverged, out of memory); with --track, wandb."""
+    run or stopped.json for one that stopped early (interrupted, diverged, out of memory or disk); with --track,
+    wandb. As a context manager, it turns a full disk or memory into a stopped run, and closes its files."""
 
     COLUMNS = ["iteration", "seed", "global_step", "charts/episodic_return", "charts/episodic_length",
                "charts/success", "charts/episodes", "charts/learning_rate", "losses/value_loss",
@@ -893,11 +973,18 @@ class Run:
     def __init__(self, args, env, checkpoint=None):
         self.args, self.env, self.videos = args, env, []  # videos: GIFs not yet sent to wandb
         self.checkpoint_iteration = checkpoint and int(checkpoint["iteration"])  # the last one written
-        self.dir, run_name = make_run_dir(args, resume=checkpoint is not None)
-        write_atomic(os.path.join(self.dir, "args.json"), json.dumps(asdict(args), indent=2).encode())
-        self.metrics = self.open_csv("metrics.csv", ",".join(self.COLUMNS) + "\r\n")
+        self.metrics = self.timing = self.wandb = None
+        try:
+            self.dir, run_name = make_run_dir(args, resume=checkpoint is not None)
+            write_atomic(os.path.join(self.dir, "args.json"), json.dumps(asdict(args), indent=2).encode())
+            self.metrics = self.open_csv("metrics.csv", ",".join(self.COLUMNS) + "\r\n")
+            self.timing = self.open_csv("timing.csv", "iteration,global_step,SPS,seconds\n")
+        except OSError as e:
+            self.close()
+            if e.errno not in DISK_FULL:
+                raise
+            raise RunError(f"{disk_full(args.resume or 'runs')}: no room for the run's files") from e
         self.writer = csv.DictWriter(self.metrics, self.COLUMNS)
-        self.timing = self.open_csv("timing.csv", "iteration,global_step,SPS,seconds\n")
         self.wandb = start_wandb(args, run_name, self.dir) if args.track else None
         sizes = f"{env.num_agents} agents, obs {env.obs_dim}, actions {env.action_dim}"
         resumed = f", resumed after iteration {self.checkpoint_iteration}" if checkpoint else ""
@@ -960,47 +1047,104 @@ class Run:
             write_atomic(os.path.join(self.dir, "checkpoint.msgpack"), state)
             self.checkpoint_iteration = iteration
 
-    def end(self, results=None, exit_code=0, message="", **status):
-        """The one place that ends a run: summary.json (the final results), or stopped.json, message and exit."""
-        self.metrics.close()
-        self.timing.close()
+    def close(self):
+        """Closes the run's files and wandb; again: nothing. log() flushes every row, so the only lines lost here
+        are those a full disk refused already (a resume drops a half-written one)."""
+        for f in (self.metrics, self.timing):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
         if self.wandb is not None:
             self.wandb.finish()
-        if results is None:
-            status = dict(message=message, checkpoint_iteration=self.checkpoint_iteration, **status)
-        else:
+            self.wandb = None
+
+    def end(self, results=None, **status):
+        """The one place that ends a run: summary.json with the final results, or stopped.json with status for a
+        run that stopped early (stop). Closes the run's files and wandb. -> what it wrote, as a dict."""
+        self.close()
+        if results is not None:
             status = {**{k: np.asarray(v).tolist() for k, v in results.items()}, **status}
         write_atomic(os.path.join(self.dir, "stopped.json" if results is None else "summary.json"),
                      json.dumps(status, indent=2).encode())  # fmt: skip
-        if results is None:
-            print(message, file=sys.stderr, flush=True)
-            sys.exit(exit_code)
+        return status
+
+    def stop(self, message, exit_code, reason):
+        """Ends a run that cannot go on; --resume goes on from its last checkpoint. stopped.json says why, if the
+        disk takes it (--resume does not need it). -> the RunError to raise."""
+        error = RunError(message, exit_code)
+        try:
+            self.end(None, message=error.line, checkpoint_iteration=self.checkpoint_iteration, reason=reason)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            error = RunError(f"{message}; the disk could not take stopped.json either", exit_code)
+        return error
+
+    def kept(self):
+        """What a stopped run leaves to go on from."""
+        last = self.checkpoint_iteration
+        return f"kept the checkpoint of iteration {last}" if last else "no checkpoint was written"
 
     def stop_if_diverged(self, iteration, metrics):
         """A loss or param not finite stops the run before logging or checkpointing: the last checkpoint is finite."""
         checks = {name: np.isfinite(v) for name, v in metrics.items() if name.startswith("losses/")}
         for name, ok in {**checks, "params": metrics.pop("params_finite")}.items():
             if not np.all(ok):
-                seed, last = self.args.seed + int(np.argmin(ok)), self.checkpoint_iteration
-                kept = f"kept the checkpoint of iteration {last}" if last else "no checkpoint was written"
-                message = f"error: diverged at iteration {iteration}: {name} of seed {seed} is not finite"
-                self.end(None, 1, f"{message}; {kept}", reason="diverged")
+                seed = self.args.seed + int(np.argmin(ok))
+                message = f"diverged at iteration {iteration}: {name} of seed {seed} is not finite"
+                raise self.stop(f"{message}; {self.kept()}", 1, "diverged")
 
-    def stop_if_out_of_memory(self, error):
-        """The fallback of check_memory: XLA ran out of memory while running (XLA:CPU says so in an INTERNAL error)."""
-        if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
-            raise error
-        message = f"error: out of memory ({str(error).splitlines()[0][:200]}); {memory_hint(self.args)}"
-        self.end(None, 1, message, reason="out of memory")
+    def fault(self, error):
+        """A full disk, or XLA out of memory while running (the fallback of check_memory; XLA:CPU says so in an
+        INTERNAL error), stops the run. -> the RunError to raise, or None for any other error."""
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            message = f"{disk_full(self.dir)}; {self.kept()}"
+            if self.checkpoint_iteration:
+                message += f"; free some space, then resume with: python {sys.argv[0]} --resume {self.dir}"
+            return self.stop(message, 1, "disk full")
+        if isinstance(error, jax.errors.JaxRuntimeError):
+            if "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error):
+                message = f"out of memory ({str(error).splitlines()[0][:200]}); {memory_hint(self.args)}"
+                return self.stop(message, 1, "out of memory")
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        """Leaving the run, however: a full disk or out of memory stops it (fault); its files are closed."""
+        fault = None if error is None else self.fault(error)
+        self.close()
+        if fault is not None:
+            raise fault from error
 
 
 def write_atomic(path, data):
-    """Write a temporary file, then rename it: a crash leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write a temporary file, then rename it: a crash leaves the old file or the new one, never half of one; a
+    failed write (a full disk) leaves the old one and no temporary file."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
     os.replace(path + ".tmp", path)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; the user's disk quota spent
+
+
+def disk_full(folder):
+    """-> 'the disk of {folder} is full (its mount point: its free space)'."""
+    disk = os.path.realpath(folder)
+    while not os.path.ismount(disk):
+        disk = os.path.dirname(disk)
+    return f"the disk of {folder} is full ({disk}: {shutil.disk_usage(disk).free / 1e6:.1f} MB free)"
 
 
 def format_mean(values):
@@ -1018,8 +1162,9 @@ def init_distributed():
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         try:
             num, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
-        except (KeyError, ValueError):
-            fail("JAX_COORDINATOR_ADDRESS is set: so must JAX_NUM_PROCESSES and JAX_PROCESS_ID be (integers)")
+        except (KeyError, ValueError) as e:
+            raise RunError("JAX_COORDINATOR_ADDRESS is set: so must JAX_NUM_PROCESSES and JAX_PROCESS_ID be "
+                           "(integers)") from e  # fmt: skip
         jax.distributed.initialize(num_processes=num, process_id=index)
     elif int(os.environ.get("SLURM_NTASKS", 1)) > 1:
         jax.distributed.initialize()
@@ -1029,13 +1174,13 @@ def evaluate_and_record(args, evaluate, params, run, iteration, offset=None):
     """Evaluates every seed's params with keys of its own (seed_keys): the evaluation after iteration i, or, given
     an offset, the final one (FINAL_EVAL, which a loaded model uses too, so that it repeats the final evaluation of
     its run) or the absolute metric's (ABSOLUTE_EVAL).
-    --capture-video: draws seed 0's recorded episode into videos/iter_{iteration}.gif with the env's renderer
-    (matplotlib: ~60 ms a frame on a CPU, 30 s for a 500-step RWARE episode)."""
+    --capture-video: draws seed 0's first episode (record_video) into videos/iter_{iteration}.gif with the env's
+    renderer (matplotlib: slow on long episodes)."""
     keys = seed_keys(args, 1000 * iteration if offset is None else offset)
     results, video = jax.device_get(evaluate(params, keys))
     if video is not None:
-        states, length = jax.tree.map(lambda x: np.asarray(x[0]), video)  # seed 0, on the host
-        frames = [jax.tree.map(lambda x: x[t], states) for t in range(int(length) + 1)]
+        states, lengths = jax.tree.map(lambda x: np.asarray(x[0]), video)  # seed 0, on the host
+        frames = [jax.tree.map(lambda x: x[t], states) for t in range(int(lengths[0]) + 1)]
         os.makedirs(os.path.join(run.dir, "videos"), exist_ok=True)
         path = os.path.join(run.dir, "videos", f"iter_{iteration}.gif")
         try:
@@ -1046,10 +1191,15 @@ def evaluate_and_record(args, evaluate, params, run, iteration, offset=None):
     return results
 
 
-def compile_evaluate(args, env, network, shapes, episodes):
-    """The evaluation of `episodes` episodes per seed, compiled from the params' shapes."""
-    evaluate = jax.jit(over_seeds(make_evaluate(replace(args, eval_episodes=episodes), env, network)))
-    return evaluate.lower(shapes.train_state.params, seed_keys(args)).compile()
+def record_video(args):
+    """make_evaluate's record for --capture-video: the states of the first env (its episode becomes the GIF)."""
+    return (lambda state: jax.tree.map(lambda x: x[0], state)) if args.capture_video else None
+
+
+def jit_evaluate(args, env, network, episodes):
+    """The evaluation of `episodes` episodes per seed, every seed's at once, jitted."""
+    evaluate = make_evaluate(replace(args, eval_episodes=episodes), env, network, record_video(args))
+    return jax.jit(over_seeds(evaluate))
 
 
 def final_episodes(args):
@@ -1061,7 +1211,7 @@ def compile_steps(args, env, network, tx, mesh):
     state exists (and outside the timing)."""
     shardings = runner_shardings(mesh)
     shapes = runner_shapes(args, env, network, tx, shardings)
-    update_step = over_seeds(make_update_step(args, env, network, mesh))
+    update_step = over_seeds(make_update_step(args, env, network, split_over(mesh)))
     update = jax.jit(update_step, out_shardings=(shardings, NamedSharding(mesh, P())))
     t0 = time.time()
     update = update.lower(shapes).compile()
@@ -1069,7 +1219,10 @@ def compile_steps(args, env, network, tx, mesh):
     episodes = {args.eval_episodes, final_episodes(args)} | (
         {10 * args.eval_episodes} if args.absolute_metric else set()
     )
-    evaluate = {n: compile_evaluate(args, env, network, shapes, n) for n in sorted(episodes)}
+    params, keys = shapes.train_state.params, seed_keys(args)
+    evaluate = {
+        n: jit_evaluate(args, env, network, n).lower(params, keys).compile() for n in sorted(episodes)
+    }
     batch_size = args.num_envs * args.num_steps
     iterations = args.total_timesteps // batch_size
     print(f"compiled the update step and evaluation in {time.time() - t0:.1f} s; {iterations} iterations of "
@@ -1091,16 +1244,36 @@ def keep_best(best, params, returns, iteration):
                 leaves={str(i): pick(x, best["leaves"][str(i)]) for i, x in enumerate(leaves)})  # fmt: skip
 
 
-def train(args, env, network, checkpoint=None):
-    """Trains from scratch, or from a checkpoint (--resume), then evaluates (--absolute-metric: the best params
-    too); logs every iteration. -> the final results, as summary.json keeps them."""
+def make_env_and_network(args):
+    """The env and the network of args (saying so when --num-agents resized the env's generator)."""
+    env = make_env(args.env_id, args.num_agents)
+    default_kwargs, env_kwargs = ENVS[args.env_id][1], env_config(args.env_id, args.num_agents)[1]
+    if env_kwargs != default_kwargs:
+        changed = {k: v for k, v in env_kwargs.items() if default_kwargs[k] != v}
+        print(f"{args.env_id} with {args.num_agents} agents: generator resized to {changed}")
+    try:
+        return env, build_network(args, env)
+    except ValueError as e:  # the network refuses these flags here
+        raise RunError(str(e)) from e
+
+
+def train(args):
+    """What the command line does, from Python: trains from scratch, or from the last checkpoint of the run folder
+    args.resume (args as that run's, but for RESUME_MAY_CHANGE), then evaluates (--absolute-metric: the best
+    params too); or, with args.load_model, evaluates that saved model. Writes runs/{run_name}/ under the current
+    folder and prints the progress. -> the run's summary, as summary.json holds it. Raises RunError when the run
+    cannot go on: bad args, a missing or corrupt saved state, too little memory or disk, divergence, a signal."""
+    check_args(args)
+    if args.load_model is not None:
+        return evaluate_model(args)
+    checkpoint = read_resume(args) if args.resume is not None else None
+    env, network = make_env_and_network(args)
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     tx, learning_rate = make_optimizer(args, num_iterations)
     mesh = make_mesh(args)
     update, evaluate, shapes = compile_steps(args, env, network, tx, mesh)
-    run, stop = Run(args, env, checkpoint), StopSignal()
-    try:
+    with StopSignal() as stop, Run(args, env, checkpoint) as run:
         if checkpoint is None:
             runners, seconds, best = init_runners(args, env, network, tx, seed_keys(args)), 0.0, None
             runners = jax.device_put(runners, runner_shardings(mesh))
@@ -1132,7 +1305,7 @@ def train(args, env, network, checkpoint=None):
             if signum and not last:
                 how = f"resume with: python {sys.argv[0]} --resume {run.dir}" if args.checkpoint_every else ""
                 message = f"interrupted after iteration {iteration}; {how or 'no checkpoint (off)'}"
-                run.end(None, 128 + signum, message, reason="interrupted")
+                raise run.stop(message, 128 + signum, "interrupted")
         params = runners.train_state.params
         final = evaluate[final_episodes(args)]
         results = evaluate_and_record(args, final, params, run, num_iterations, FINAL_EVAL)
@@ -1144,12 +1317,9 @@ def train(args, env, network, checkpoint=None):
             absolute = evaluate_and_record(args, again, best_params, run, num_iterations, ABSOLUTE_EVAL)
             results.update({k.replace("eval/", "absolute/"): v for k, v in absolute.items()})
             results["absolute/iteration"] = best["iterations"]
-    except jax.errors.JaxRuntimeError as e:
-        run.stop_if_out_of_memory(e)
-    finally:
-        stop.restore()
-    run.log(num_iterations, num_iterations * batch_size, results)
-    run.end(results, global_step=num_iterations * batch_size, seconds=time.time() - start, SPS=sps)
+        run.log(num_iterations, num_iterations * batch_size, results)
+        seconds = time.time() - start
+        summary = run.end(results, global_step=num_iterations * batch_size, seconds=seconds, SPS=sps)
     trained = format_mean(metrics["charts/episodic_return"])
     evaluated = format_mean(results["eval/episodic_return"])
     how = f"{'greedy' if args.eval_greedy else 'sampled'}, {final_episodes(args)} episodes per seed"
@@ -1160,42 +1330,37 @@ def train(args, env, network, checkpoint=None):
             f"absolute metric: episodic_return={format_mean(results['absolute/episodic_return'])} (the best "
             f"params of each seed, {10 * args.eval_episodes} episodes; iterations {results['absolute/iteration']})"
         )
-    return results
+    return summary
 
 
-def main(args):
-    init_distributed()
-    check_args(args)
-    checkpoint = state = None
-    if args.load_model is not None:
-        args, state = load_model(args)
-    elif args.resume is not None:
-        checkpoint = read_resume(args)
-    env = make_env(args.env_id, args.num_agents)
-    default_kwargs, env_kwargs = ENVS[args.env_id][1], env_config(args.env_id, args.num_agents)[1]
-    if env_kwargs != default_kwargs:
-        changed = {k: v for k, v in env_kwargs.items() if default_kwargs[k] != v}
-        print(f"{args.env_id} with {args.num_agents} agents: generator resized to {changed}")
-    network = build_network(args, env)
-    if state is None:
-        return train(args, env, network, checkpoint)
-    # --load-model: every seed of the saved model, evaluated with its run's final-evaluation keys; no training
+def evaluate_model(args):
+    """--load-model: every seed of the saved model, evaluated with its run's final-evaluation keys; no training.
+    -> the summary of the new run folder."""
+    args, state = load_model(args)
+    env, network = make_env_and_network(args)
     params = load_params(network, env, state)
     args = replace(args, num_seeds=jax.tree.leaves(params)[0].shape[0])
-    evaluate = jax.jit(
-        over_seeds(make_evaluate(replace(args, eval_episodes=final_episodes(args)), env, network))
-    )
-    run = Run(args, env)
-    results = evaluate_and_record(args, evaluate, params, run, 0, FINAL_EVAL)
-    returns = results["eval/episodic_return"]
-    print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
-    run.log(0, 0, results)
-    run.end(results)
-    return results
+    evaluate = jit_evaluate(args, env, network, final_episodes(args))
+    with Run(args, env) as run:
+        results = evaluate_and_record(args, evaluate, params, run, 0, FINAL_EVAL)
+        returns = results["eval/episodic_return"]
+        print(f"eval/episodic_return={format_mean(returns)}  per seed: {returns}")
+        run.log(0, 0, results)
+        return run.end(results)
+
+
+def main():
+    """The command line (--help): train. A run that cannot go on ends with one line on stderr and its exit code."""
+    args = tyro.cli(Args)
+    try:
+        if args.resume is not None:  # its saved flags become the defaults: only the flags given again differ
+            args = tyro.cli(Args, default=replace(saved_args(args.resume), resume=args.resume))
+        init_distributed()
+        train(args)
+    except RunError as e:
+        print(e.line, file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.resume is not None:  # its saved flags become the defaults: only the flags given again differ
-        args = tyro.cli(Args, default=replace(saved_args(args.resume), resume=args.resume))
-    main(args)
+    main()

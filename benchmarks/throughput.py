@@ -84,7 +84,7 @@ def build_update(module, args):
     mesh = module.make_mesh(args)
     shardings = module.runner_shardings(mesh)
     runners = jax.device_put(module.init_runners(args, env, network, tx, keys), shardings)
-    update_step = module.over_seeds(module.make_update_step(args, env, network, mesh))
+    update_step = module.over_seeds(module.make_update_step(args, env, network, module.split_over(mesh)))
     t0 = time.perf_counter()
     update = (
         jax.jit(update_step, out_shardings=(shardings, NamedSharding(mesh, P()))).lower(runners).compile()

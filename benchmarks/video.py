@@ -49,9 +49,7 @@ def main():
         keys = jax.random.split(jax.random.PRNGKey(1), 1)
         evals = {}
         for capture in (False, True):
-            f = jax.jit(
-                module.over_seeds(module.make_evaluate(replace(args, capture_video=capture), env, network))
-            )
+            f = module.jit_evaluate(replace(args, capture_video=capture), env, network, args.eval_episodes)
             evals[capture] = f.lower(params, keys).compile()
         times = {False: [], True: []}
         for _ in range(cli.repeats):  # alternately: drift hits both alike
@@ -61,7 +59,7 @@ def main():
                 times[capture].append(time.perf_counter() - t0)
         _, (states, length) = out
         states = jax.tree.map(lambda x: np.asarray(x[0]), states)
-        frames = [jax.tree.map(lambda x: x[t], states) for t in range(int(length[0]) + 1)]
+        frames = [jax.tree.map(lambda x: x[t], states) for t in range(int(length[0][0]) + 1)]
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "episode.gif")
             t0 = time.perf_counter()

@@ -68,13 +68,65 @@ def test_the_test_can_fail(name, tmp_path):
     assert skel["compute_gae"] != original["compute_gae"]
 
 
-SECTIONS = ["\nclass Args:", NETWORK, PPO, "\n# Environment\n", "\n# Below the fold:", "\n# Devices and seeds\n",
-            "\n# Command line and saved state\n", "\n# The run folder", "\n# Main:", "\ndef main("]  # fmt: skip
+FOLD = "\n# Below the fold:"
+SECTIONS = ["\nclass Args:", NETWORK, PPO, "\n# Environment\n", FOLD, "\n# Devices and seeds\n",
+            "\n# Command line and saved state\n", "\n# Jumanji and SMAX envs\n", "\n# The run folder", "\n# Main:",
+            "\ndef main("]  # fmt: skip
+SCRIPTS = ["mappo.py", "mat_ppo.py", "mam_ppo.py"]
 
 
-@pytest.mark.parametrize("name", ["mappo.py", "mat_ppo.py", "mam_ppo.py"])
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_the_algorithm_comes_first_and_the_plumbing_below_one_fold(name):
     source = (ROOT / name).read_text()
     assert all(source.count(mark) == 1 for mark in SECTIONS), [m for m in SECTIONS if source.count(m) != 1]
     where = [source.index(mark) for mark in SECTIONS]
     assert where == sorted(where), "sections out of order"
+
+
+# the plumbing's concerns, which the caller applies: devices (a split function), video (a record function)
+PLUMBING = {"mesh", "shard", "capture_video"}
+
+
+def names_across_the_fold(source):
+    """-> (the identifiers used above the fold outside Args and the imports, the top-level names defined below)."""
+    fold = source[: source.index(FOLD)].count("\n") + 1
+    used, below = set(), set()
+    for node in ast.parse(source).body:
+        if node.lineno > fold:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                below.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                below.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif not isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "name", "") != "Args":
+            for n in ast.walk(node):
+                if isinstance(n, ast.Name):
+                    used.add(n.id)
+                elif isinstance(n, ast.Attribute):
+                    used.add(n.attr)
+                elif isinstance(n, ast.arg):
+                    used.add(n.arg)
+    return used, below
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_above_the_fold_names_nothing_below_it(name):
+    """The algorithm reads alone: Args, the network, PPO and the Env contract use no name defined below the fold,
+    and neither devices nor video are their business."""
+    used, below = names_across_the_fold((ROOT / name).read_text())
+    assert {"make_env", "main", "train", "RunError"} <= below
+    assert not used & below, f"above the fold, {name} names {sorted(used & below)}, defined below it"
+    assert not used & PLUMBING, f"above the fold, {name} names {sorted(used & PLUMBING)}"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_fold_test_can_fail(name):
+    source = (ROOT / name).read_text()
+    for added in [
+        "ENVS_USED = ENVS",
+        "def f(args):\n    return make_env(args.env_id)",
+        "def f(mesh):\n    pass",
+    ]:
+        changed = source.replace(FOLD, f"\n{added}\n\n{FOLD}", 1)
+        used, below = names_across_the_fold(changed)
+        assert used & (below | PLUMBING), added

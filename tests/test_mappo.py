@@ -19,9 +19,9 @@ def test_env_config_resizes_and_rejects():
     assert kw["shelf_columns"] % 2 == 1
     kw = mappo.env_config("lbf-8x8-2p-2f-coop", 20)[1]
     assert kw["fov"] == kw["grid_size"] >= 11  # full view stays full
-    with pytest.raises(mappo.EnvError, match="unknown --env-id"):
+    with pytest.raises(mappo.RunError, match="unknown --env-id"):
         mappo.env_config("nope")
-    with pytest.raises(mappo.EnvError, match="--num-agents"):
+    with pytest.raises(mappo.RunError, match="--num-agents"):
         mappo.env_config("rware-tiny-2ag", -1)
 
 

@@ -2,11 +2,13 @@
 state, bit for bit on CPU); the flags a resume refuses; divergence; a request that cannot fit in memory.
 Subprocesses as a user runs them, tiny budgets (compile time dominates)."""
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import flax.serialization
 import numpy as np
@@ -136,7 +138,7 @@ def test_resume_refuses_other_flags_and_extends(run_script, tmp_path):
     assert json.loads((tmp_path / run_dir / "args.json").read_text())["total_timesteps"] == 128
 
 
-def test_divergence_stops_and_keeps_the_last_finite_checkpoint(monkeypatch, tmp_path, capsys):
+def test_divergence_stops_and_keeps_the_last_finite_checkpoint(monkeypatch, tmp_path):
     """An injected NaN in the params by the third iteration's update, in-process: the run stops at the third."""
     import jax
     import jax.numpy as jnp
@@ -145,8 +147,8 @@ def test_divergence_stops_and_keeps_the_last_finite_checkpoint(monkeypatch, tmp_
 
     ppo_update = mappo.ppo_update
 
-    def poisoned(args, network, train_state, data, key, mesh=None):
-        train_state, info = ppo_update(args, network, train_state, data, key, mesh)
+    def poisoned(args, network, train_state, data, key, split=mappo.no_split):
+        train_state, info = ppo_update(args, network, train_state, data, key, split)
         third = train_state.step > 2 * args.update_epochs * args.num_minibatches
         params = jax.tree.map(lambda p: jnp.where(third, jnp.nan, p), train_state.params)
         return train_state.replace(params=params), info
@@ -155,15 +157,16 @@ def test_divergence_stops_and_keeps_the_last_finite_checkpoint(monkeypatch, tmp_
     monkeypatch.chdir(tmp_path)
     args = mappo.Args(env_id="lbf-8x8-2p-2f-coop", num_envs=4, num_steps=8, update_epochs=1, eval_episodes=2,
                       total_timesteps=32 * 5, checkpoint_every=1)  # fmt: skip
-    with pytest.raises(SystemExit) as stop:
-        mappo.main(args)
-    assert stop.value.code == 1
+    with pytest.raises(mappo.RunError) as stop:  # the command line prints its line, exits with its code
+        mappo.train(args)
+    assert stop.value.exit_code == 1
     message = (
         "error: diverged at iteration 3: params of seed 1 is not finite; kept the checkpoint of iteration 2"
     )
-    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    assert stop.value.line == message
     (run_dir,) = run_dirs(tmp_path)
-    assert json.loads((run_dir / "stopped.json").read_text())["reason"] == "diverged"
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped == dict(message=message, checkpoint_iteration=2, reason="diverged")
     assert not (run_dir / "summary.json").exists()
     assert {r["iteration"] for r in read_metrics(run_dir)} == {"1", "2"}  # nothing logged from NaN params
     state = read_state(run_dir)
@@ -185,7 +188,7 @@ def test_out_of_memory_is_one_line(run_script, tmp_path):
     assert run_dirs(tmp_path) == []  # nothing written
 
 
-def test_runtime_out_of_memory_marks_the_run(monkeypatch, tmp_path, capsys):
+def test_runtime_out_of_memory_marks_the_run(monkeypatch, tmp_path):
     """The fallback when XLA runs out of memory anyway: one line, and the run folder says so."""
     import jax
 
@@ -193,14 +196,109 @@ def test_runtime_out_of_memory_marks_the_run(monkeypatch, tmp_path, capsys):
 
     monkeypatch.chdir(tmp_path)
     args = mappo.Args(env_id="lbf-8x8-2p-2f-coop")
-    run = mappo.Run(args, mappo.make_env(args.env_id))
-    with pytest.raises(ValueError):  # other errors go through
-        run.stop_if_out_of_memory(ValueError("something else"))
-    with pytest.raises(SystemExit) as stop:
-        run.stop_if_out_of_memory(
-            jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 94 GB")
-        )
-    assert stop.value.code == 1
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    env = mappo.make_env(args.env_id)
+    with pytest.raises(ValueError), mappo.Run(args, env) as run:  # other errors go through
+        raise ValueError("something else")
+    assert run.metrics.closed and not (tmp_path / run.dir / "stopped.json").exists()
+    with pytest.raises(mappo.RunError) as stop, mappo.Run(args, env) as run:
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 94 GB")
+    assert stop.value.exit_code == 1
+    line = stop.value.line
     assert line.startswith("error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 94 GB); lower")
     assert json.loads((tmp_path / run.dir / "stopped.json").read_text())["reason"] == "out of memory"
+
+
+class SmallDisk:
+    """The disk the files a script opens for writing land on (patched in as the module's `open`): no limit until
+    the `full_at`-th checkpoint is written, then only `left` bytes. A write that does not fit raises ENOSPC, as a
+    full filesystem does, and writes nothing."""
+
+    def __init__(self, full_at, left):
+        self.full_at, self.left, self.free, self.checkpoints = full_at, left, float("inf"), 0
+
+    def open(self, path, mode="r", **kwargs):
+        if str(path).endswith("checkpoint.msgpack.tmp"):
+            self.checkpoints += 1
+            if self.checkpoints == self.full_at:
+                self.free = self.left
+        f = open(path, mode, **kwargs)
+        return f if set(mode) <= set("rbt") else OnSmallDisk(f, self)
+
+
+class OnSmallDisk:
+    def __init__(self, f, disk):
+        self.f, self.disk = f, disk
+
+    def write(self, data):
+        size = len(data.encode() if isinstance(data, str) else data)
+        if size > self.disk.free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.disk.free -= size
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.f.close()
+
+
+@pytest.fixture
+def compile_cache_in_process(compile_cache):
+    """The session's XLA compilation cache for runs in this process too: a run's programs compile once."""
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", compile_cache)
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+# room left once the second checkpoint is due: enough for stopped.json (the temporary file's removal freed it), or
+# nothing at all
+@pytest.mark.parametrize("left", [2000, 0], ids=["room-for-stopped.json", "nothing-fits"])
+def test_full_disk_stops_the_run_and_resume_goes_on(left, monkeypatch, tmp_path, compile_cache_in_process):
+    """The disk fills up while the second checkpoint is written: one line that names the disk and the run folder,
+    no temporary file, the first checkpoint kept, the run marked as stopped if the disk takes stopped.json; once
+    there is room, --resume ends it as the run never stopped (metrics.csv byte for byte)."""
+    import mappo
+
+    args = mappo.Args(env_id="lbf-8x8-2p-2f-coop", num_envs=4, num_steps=8, update_epochs=1, eval_episodes=2,
+                      total_timesteps=32 * 3, checkpoint_every=1)  # fmt: skip
+    (tmp_path / "straight").mkdir()
+    monkeypatch.chdir(tmp_path / "straight")
+    straight = mappo.train(args)
+    monkeypatch.chdir(tmp_path)
+    disk = SmallDisk(full_at=2, left=left)
+    monkeypatch.setattr(mappo, "open", disk.open, raising=False)
+    with pytest.raises(mappo.RunError) as stop:
+        mappo.train(args)
+    (run_dir,) = run_dirs(tmp_path)
+    folder = os.path.relpath(run_dir, tmp_path)
+    assert stop.value.exit_code == 1 and disk.checkpoints == 2
+    line = stop.value.line
+    assert line.startswith(f"error: the disk of {folder} is full (/") and " MB free); " in line, line
+    resume = f"; kept the checkpoint of iteration 1; free some space, then resume with: python {sys.argv[0]} "
+    resume += f"--resume {folder}"
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        ["args.json", "metrics.csv", "timing.csv", "checkpoint.msgpack"] + ["stopped.json"] * (left > 0)
+    )  # no checkpoint.msgpack.tmp
+    assert int(read_state(run_dir)["iteration"]) == 1
+    if left:
+        assert line.endswith(resume)
+        stopped = json.loads((run_dir / "stopped.json").read_text())
+        assert stopped == dict(message=line, checkpoint_iteration=1, reason="disk full")
+    else:
+        assert line.endswith(f"{resume}; the disk could not take stopped.json either")
+
+    monkeypatch.delattr(mappo, "open")  # space freed
+    resumed = mappo.train(replace(args, resume=folder))
+    assert not (run_dir / "stopped.json").exists()
+    assert (run_dir / "metrics.csv").read_text() == (
+        run_dirs(tmp_path / "straight")[0] / "metrics.csv"
+    ).read_text()
+    assert resumed["eval/episodic_return"] == straight["eval/episodic_return"]
+    assert json.loads((run_dir / "summary.json").read_text()) == resumed

@@ -32,11 +32,11 @@ def test_env_config_num_agents():
     assert family == "smax" and limit == 100
     assert kw == dict(scenario="smacv2_5_units", num_agents=12, num_enemies=12)  # N vs N
     assert mappo.env_config("smax-2s3z", 5)[1]["num_agents"] == 5  # its own count is no change
-    with pytest.raises(mappo.EnvError, match="fixed SMAC map"):
+    with pytest.raises(mappo.RunError, match="fixed SMAC map"):
         mappo.env_config("smax-2s3z", 6)
-    with pytest.raises(mappo.EnvError, match="--num-agents"):
+    with pytest.raises(mappo.RunError, match="--num-agents"):
         mappo.env_config("smax-smacv2_10_units", 0)
-    with pytest.raises(mappo.EnvError, match="unknown --env-id"):
+    with pytest.raises(mappo.RunError, match="unknown --env-id"):
         mappo.env_config("smax-4m")
 
 

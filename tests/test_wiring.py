@@ -249,18 +249,20 @@ def test_update_step_advantages(script, monkeypatch):
 @pytest.mark.parametrize("end, length", [(3, 3), (99, 6)], ids=["terminated", "truncated"])
 def test_evaluation_counts_nothing_after_the_end(script, end, length):
     """Episodes that end at step 3 (terminated) or at the time limit 6 (truncated), reward t at step t, also after
-    the end: the evaluation counts 1 + ... + length; with --capture-video it keeps env 0's states from the
-    start through the end."""
+    the end: the evaluation counts 1 + ... + length; with --capture-video (the record of record_video) it keeps
+    env 0's states from the start through the end, and every episode's length."""
     module = importlib.import_module(script)
     env = ScriptedEnv(time_limit=6, end=end, reward_of_start=0.0, reward_of_actions=0.0)
     args = replace(module.Args(), eval_episodes=3, capture_video=True)
     network = module.build_network(args, env)
     params = module.init_params(network, jax.random.PRNGKey(0), env)
-    metrics, (frames, recorded) = jax.jit(module.make_evaluate(args, env, network))(
+    record = module.record_video(args)
+    metrics, (frames, lengths) = jax.jit(module.make_evaluate(args, env, network, record))(
         params, jax.random.PRNGKey(1)
     )
     assert float(metrics["eval/episodic_return"]) == length * (length + 1) / 2
-    assert float(metrics["eval/episodic_length"]) == length == int(recorded)
+    assert float(metrics["eval/episodic_length"]) == length
+    assert np.asarray(lengths).tolist() == [length] * args.eval_episodes
     assert float(metrics["eval/success"]) == length  # the success figure at the end, not after
     assert np.asarray(frames["t"]).tolist() == list(range(env.time_limit + 1))  # the start, then every step
 
@@ -325,7 +327,7 @@ def test_wrapper_ends_and_rewards_by_hand(script, env_id, monkeypatch):
     at_limit = out["step_count"] >= env.time_limit
     want_term, want_trunc = out["natural"] & ~at_limit, at_limit & ~out["natural"]
     # left out: a natural end on the time limit's step itself, which the wrapper calls a truncation (the env: a
-    # termination); reported on issue #29, not decided here
+    # termination); not decided here
     run = run & ~(out["natural"] & at_limit)
     np.testing.assert_array_equal(out["term"][run], want_term[run])
     np.testing.assert_array_equal(out["trunc"][run], want_trunc[run])
