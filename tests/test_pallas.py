@@ -1,10 +1,12 @@
 """The "pallas" mode of selective_scan.py without a GPU: its kernel runs in Pallas' interpreter and must equal the
-sequential mode (forward, every gradient, reverse, return_state, jit, vmap, inside MAM); its Triton path is
-lowered for CUDA, so a lowering break shows on a CPU. Shapes are small and compilations few: interpret mode is
-slow to compile (a few seconds per function)."""
+sequential mode (forward, every gradient, reverse, return_state, jit, vmap, inside MAM, bfloat16 inputs with a
+float32 state); its Triton path is lowered for CUDA, so a lowering break shows on a CPU. Shapes are small and
+compilations few: interpret mode is slow to compile (a few seconds per function)."""
 
 import functools
 import os
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,7 +25,7 @@ NAMES = ("x", "delta", "A", "B", "C", "D", "h0")
 
 
 @functools.cache
-def grads_and_outputs(mode, reverse, chunk=16, block_d=32):
+def grads_and_outputs(mode, reverse, chunk=8, block_d=32):
     """jit(grad) of a loss that weights every output (y and h_last) w.r.t. all 7 inputs; also returns y, h."""
 
     def loss(weights, *inputs):
@@ -73,6 +75,32 @@ def test_forward_and_all_gradients_equal_the_sequential_mode(b, l, d, n, chunk, 
     got = grads_and_outputs("pallas", reverse, chunk, block_d)(weights, *inputs)
     want = grads_and_outputs("sequential", reverse)(weights, *inputs)
     assert_matches_sequential(got, want, inputs)
+
+
+def test_bfloat16_inputs_keep_a_float32_state():
+    # bf16 in, bf16 out, but the state and every sum in float32: then each output and gradient is the float32
+    # result rounded once to bf16, so it lies within one bf16 rounding (2^-8 relative) of the sequential mode
+    # run in float32 on the same values. A state carried in bf16 would round at each of the 64 tokens.
+    b, l, d, n = 2, 64, 6, 3  # 8 chunks of 8; d over 2 blocks (padded 6 -> 8); n padded 3 -> 4
+    weights, inputs = random_case(11, b, l, d, n)
+    low = [v.astype(jnp.bfloat16) for v in inputs]
+    exact = [v.astype(jnp.float32) for v in low]  # the same values in float32
+    weights = tuple(w.astype(jnp.bfloat16).astype(jnp.float32) for w in weights)  # exact cotangents in bf16
+    grads, (y, h) = grads_and_outputs("pallas", False, 8, 4)(weights, *low)
+    grads_want, (y_want, h_want) = grads_and_outputs("sequential", False)(weights, *exact)
+    forward_only = jax.jit(
+        lambda *a: selective_scan(*a[:6], h0=a[6], mode="pallas", return_state=True, block_d=4)
+    )
+    for got, want in zip(forward_only(*low), (y, h)):  # the kernel without saved states: the same numbers
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    for name, got, want, value in zip(
+        ("y", "h_last") + NAMES, (y, h, *grads), (y_want, h_want, *grads_want), [y, h] + low
+    ):
+        assert got.dtype == jnp.bfloat16 and got.shape == value.shape, name
+        got, want = np.asarray(got, np.float32), np.asarray(want)
+        assert np.abs(want).max() > 0, name
+        err = np.abs(got - want) / (np.abs(want) + 1e-5 * np.abs(want).max())
+        assert err.max() <= 2**-8, (name, err.max())
 
 
 def test_under_vmap():
@@ -134,12 +162,12 @@ def export_for_cuda(fn, *shapes):
         return run().mlir_module()
 
 
-def test_triton_path_lowers_for_cuda():
-    # MAM's scan width (d_inner = 2 * 64, d_state 8); l = 40 not a multiple of the chunk
-    b, l, d, n = 2, 40, 128, 8
-    shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(b, l, d), (b, l, d), (d, n), (b, l, n)]]
-    shapes += [jax.ShapeDtypeStruct((b, l, n), jnp.float32)]
-    shapes += [jax.ShapeDtypeStruct((d,), jnp.float32), jax.ShapeDtypeStruct((b, d, n), jnp.float32)]
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_triton_path_lowers_for_cuda(dtype):
+    # MAM's scan width (d_inner = 2 * 64, d_state 8); l = 44 not a multiple of the chunk
+    b, l, d, n = 2, 44, 128, 8
+    sizes = [(b, l, d), (b, l, d), (d, n), (b, l, n), (b, l, n), (d,), (b, d, n)]
+    shapes = [jax.ShapeDtypeStruct(s, dtype) for s in sizes]
 
     def forward(x, delta, A, B, C, D, h0):
         return selective_scan(x, delta, A, B, C, D, h0=h0, mode="pallas", interpret=False, return_state=True)
@@ -159,3 +187,15 @@ def test_bad_kernel_settings_raise():
     for settings in (dict(block_d=3), dict(chunk=0), dict(num_warps=0)):
         with pytest.raises(ValueError, match="block_d must be a power of two"):
             selective_scan(**inputs, mode="pallas", **settings)
+
+
+def test_gpu_check_fits_its_budget_by_compile_count():
+    # benchmarks/gpu_check.py's estimate of its GPU run, and its dry run: the same rows making the same compiles,
+    # which the dry run counts, so an all-ok dry run confirms the count the estimate rests on
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    full, dry = gpu_check.plan(gpu_check.FULL), gpu_check.plan(gpu_check.DRY)
+    assert [(row.table, row.cost) for row in full] == [(row.table, row.cost) for row in dry]
+    assert gpu_check.estimate(full)["total_min"] <= gpu_check.BUDGET_MIN
+    assert [row.table for row in full][:3] == ["check"] * 3  # the check first
