@@ -33,7 +33,8 @@ setting; networks come from the scripts with their default hyperparameters, thei
 start after --max-minutes are written as skipped.
 
 Kernel settings (block_d, chunk, num_warps): the default first; all keep chunk 8 and two state values per thread
-(n = 8 times block_d over 32 * num_warps threads), so every backward kernel stays at the default's register count.
+(n = 8 times block_d over 32 * num_warps threads), so every backward kernel should need about the default's
+registers, and compile as fast.
 
 The estimate counts jit compiles and Triton compiles (each pallas_call, forward or backward, counted once per jit
 compile: an upper bound where XLA reuses a kernel) and timed measures, at the seconds per item in COSTS. --dry-run
