@@ -32,6 +32,10 @@ study_evals.csv (runs made on another machine). It writes to benchmarks/results/
                        in the paper's own files.
   study.png, study_aggregate.png   the curves (ours solid, the paper's dashed) and the aggregate.
 
+Calibrate mode (--calibrate) measures the cost of each (task, algo) of --env-ids x --algos: a run of 8
+iterations with --num-seeds seeds and no evaluation, the median seconds per iteration after the first, and the
+hours that makes for 5 seeds (study_cost.csv): the plan of a study split across sessions.
+
 paper_evaluations.csv is an extract of the MAM paper's per-seed evaluations (the authors' marl-eval fork,
 JemmaLDaniel/marl-eval: concatenated_json_files_lbf/metrics.json and concatenated_json_files_smax/metrics.json at
 commit 52edea2, concatenated_json_files_rware/metrics_new.json at commit fcf270a): the three tasks of ours it
@@ -188,6 +192,36 @@ def train(opts, env_id, algo):
             sys.stdout.write(line)
             log.write(line)
         return proc.wait()
+
+
+def calibrate(opts, env_id, algo, iterations=8):
+    """The cost of (task, algo) with --num-seeds seeds in one process: a short run without evaluations; the median
+    of its iterations after the first (which pays the compile). -> a row of study_cost.csv, or None."""
+    steps = TASKS[env_id][0]
+    cmd = [sys.executable, os.path.join(ROOT, SCRIPTS[algo]), "--env-id", env_id, "--total-timesteps",
+           str(iterations * BATCH), "--num-seeds", str(opts.num_seeds), "--exp-name", f"calibrate_{algo}",
+           "--eval-every", "0", "--eval-episodes", "1", "--checkpoint-every", "0", *PROTOCOL[:1]]  # fmt: skip
+    print(f"\n=== calibrate: {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, cwd=os.path.dirname(opts.runs_dir), capture_output=True, text=True)
+    run = [line[5:].split("  ")[0] for line in proc.stdout.splitlines() if line.startswith("run: ")]
+    if proc.returncode != 0 or not run:
+        print(f"FAILED: calibrate {env_id} / {algo}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    seconds = [
+        float(r["seconds"])
+        for r in read_csv(os.path.join(os.path.dirname(opts.runs_dir), run[0], "timing.csv"))
+    ]
+    per_iteration = float(np.median(np.diff(seconds)))
+    hours = per_iteration * (steps // BATCH) / 3600 * SEEDS / opts.num_seeds
+    print(f"{env_id} / {algo}: {per_iteration:.2f} s per iteration of {opts.num_seeds} seeds", flush=True)
+    return dict(env_id=env_id, algo=algo, num_seeds=opts.num_seeds, seconds_per_iteration=round(per_iteration, 2),
+                iterations=steps // BATCH, hours_for_5_seeds=round(hours, 2), machine=machine())  # fmt: skip
+
+
+def machine():
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, cpu"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -529,6 +563,8 @@ def main(argv=None):
     parser.add_argument("--num-seeds", type=int, default=SEEDS, help="seeds of the group (one process)")
     parser.add_argument("--bootstrap-reps", type=int, default=10000, help="resamples of the aggregate's CIs")
     parser.add_argument("--report-only", action="store_true", help="no training: report what is there")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="no training: measure each (task, algo)'s seconds per iteration (study_cost.csv)")  # fmt: skip
     parser.add_argument(
         "--runs-dir", default=os.path.join(ROOT, "runs"), help="where the scripts write (./runs)"
     )
@@ -538,6 +574,14 @@ def main(argv=None):
     if os.path.basename(os.path.normpath(opts.runs_dir)) != "runs":
         fail(f"--runs-dir must be a folder named runs, as the scripts write to ./runs (got {opts.runs_dir})")
     opts.runs_dir = os.path.abspath(opts.runs_dir)
+    if opts.calibrate:
+        rows = [r for r in read_csv(os.path.join(OUT, "study_cost.csv"))
+                if (r["env_id"], r["algo"]) not in {(e, a) for e in opts.env_ids for a in opts.algos}]  # fmt: skip
+        rows += [r for e in opts.env_ids for a in opts.algos if (r := calibrate(opts, e, a))]
+        if rows:
+            os.makedirs(OUT, exist_ok=True)
+            write_csv(os.path.join(OUT, "study_cost.csv"), rows)
+        return
     if not opts.report_only:
         for sig in (signal.SIGINT, signal.SIGTERM):  # the script in progress gets it too and checkpoints
             signal.signal(sig, lambda signum, frame: STOP.append(128 + signum))
