@@ -21,7 +21,7 @@ study_evals.csv (runs made on another machine). It writes to benchmarks/results/
   study_final.csv      per (task, algo, kind final/absolute): per-seed values, mean, t-based 95% CI over seeds.
   study_curves.csv     per (task, algo, env steps): mean and t-based 95% CI of the evaluations over seeds.
   study_gap.csv        per (task, env steps): MAM - MAT, ours (Welch t 95% CI) and the paper's at the nearest
-                       evaluation of its data (paper_evaluations.csv, 10 seeds).
+                       evaluation of its data within 20% of those steps (paper_evaluations.csv, 10 seeds).
   study_aggregate.csv  over the tasks where MAM and MAT are complete: IQM and mean of min-max normalised returns
                        (per task, over every algo's seeds) and the probability of improvement, with 95%
                        stratified-bootstrap CIs, from rliable, which marl-eval wraps: `pip install
@@ -332,11 +332,12 @@ def read_paper():
 
 
 def paper_at(paper_task, algo, step):
-    """The paper's evaluation nearest to `step` (its evaluation steps differ from ours): -> (its step, values)."""
+    """The paper's evaluation nearest to `step` (its evaluation steps differ from ours), if within 20% of it:
+    -> (its step, values), or (None, [])."""
     points = {s: v for s, v in paper_task.get(algo, {}).items() if s != "absolute"}
-    if not points:
+    nearest = min(points, key=lambda s: abs(s - step), default=None)
+    if nearest is None or abs(nearest - step) > 0.2 * step:
         return None, []
-    nearest = min(points, key=lambda s: abs(s - step))
     return nearest, points[nearest]
 
 
@@ -434,8 +435,8 @@ def report(opts):
             diff, low, high = welch_interval(mam[step], mat[step])
             row = dict(env_id=env_id, global_step=step, n_mam=len(mam[step]), n_mat=len(mat[step]), gap=r4(diff),
                        ci_low=r4(low), ci_high=r4(high), paper_step="", paper_gap="", paper_ci_low="", paper_ci_high="")  # fmt: skip
-            if paper_key in paper:
-                at, a = paper_at(paper[paper_key], "mam", step)
+            at, a = paper_at(paper.get(paper_key, {}), "mam", step)
+            if at is not None:
                 _, b = paper_at(paper[paper_key], "mat", at)
                 diff, low, high = welch_interval(a, b)
                 row.update(paper_step=at, paper_gap=r4(diff), paper_ci_low=r4(low), paper_ci_high=r4(high))
