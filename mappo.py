@@ -225,7 +225,7 @@ def make_update_step(args, env, network, split=no_split):
         data = (traj, advantages, returns)
         train_state, info = ppo_update(args, network, runner.train_state, data, perm_key, split)
         metrics.update({f"losses/{k}": v.mean() for k, v in info.items()})
-        # whether every param is still finite: the run stops where they are not (Run.stop_if_diverged)
+        # whether every param is still finite: the caller stops a run whose params are not
         finite = [jnp.isfinite(x).all() for x in jax.tree.leaves(train_state.params)]
         metrics["params_finite"] = jnp.stack(finite).all()
         return runner._replace(train_state=train_state), metrics
@@ -505,9 +505,8 @@ class RunError(Exception):
     def __init__(self, message, exit_code=2):
         super().__init__(message)
         self.exit_code = exit_code
-        self.line = (
-            message if exit_code > 128 else f"error: {message}"
-        )  # an interruption asked for is no error
+        # the line the command line prints: an interruption asked for is no error
+        self.line = message if exit_code > 128 else f"error: {message}"
 
 
 def check_args(args):

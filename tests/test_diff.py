@@ -2,6 +2,9 @@
 network section is identical to the character, and so are the Args fields outside its network block."""
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -113,10 +116,23 @@ def names_across_the_fold(source):
 def test_above_the_fold_names_nothing_below_it(name):
     """The algorithm reads alone: Args, the network, PPO and the Env contract use no name defined below the fold,
     and neither devices nor video are their business."""
-    used, below = names_across_the_fold((ROOT / name).read_text())
+    source = (ROOT / name).read_text()
+    used, below = names_across_the_fold(source)
     assert {"make_env", "main", "train", "RunError"} <= below
     assert not used & below, f"above the fold, {name} names {sorted(used & below)}, defined below it"
     assert not used & PLUMBING, f"above the fold, {name} names {sorted(used & PLUMBING)}"
+    mentioned = mentions_across_the_fold(source, below)
+    assert not mentioned, f"above the fold, {name}'s comments and docstrings mention {sorted(mentioned)}"
+
+
+def mentions_across_the_fold(source, below):
+    """The names defined below the fold that the comments and docstrings from the network to the fold mention,
+    among those that read as code (snake_case, CamelCase), not as words."""
+    text = source[source.index(NETWORK) : source.index(FOLD)]
+    tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+    prose = [t.string for t in tokens if t.type in (tokenize.COMMENT, tokenize.STRING)]
+    words = set(re.findall(r"[A-Za-z_]\w*", " ".join(prose)))
+    return words & {n for n in below if "_" in n or re.search(r"[a-z][A-Z]", n)}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -130,3 +146,5 @@ def test_the_fold_test_can_fail(name):
         changed = source.replace(FOLD, f"\n{added}\n\n{FOLD}", 1)
         used, below = names_across_the_fold(changed)
         assert used & (below | PLUMBING), added
+    changed = source.replace(FOLD, "\n# the envs: see make_env\n" + FOLD, 1)
+    assert mentions_across_the_fold(changed, names_across_the_fold(changed)[1]) == {"make_env"}
