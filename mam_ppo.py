@@ -82,8 +82,8 @@ class Args:
     """the number of parallel game environments"""
     num_steps: int = 128
     """the number of steps to run in each environment per policy rollout"""
-    anneal_lr: bool = True
-    """Toggle learning rate annealing for policy and value networks"""
+    anneal_lr: bool = False
+    """decay the learning rate linearly to 0 over the run (off: constant, as in the paper's code)"""
     gamma: float = 0.99
     """the discount factor gamma"""
     gae_lambda: float = 0.95

@@ -198,7 +198,14 @@ def command(opts, variant, flags):
         **flags,
     }
     script = os.path.join(ROOT, SCRIPTS[algo_of(variant)])
-    return [sys.executable, script, *(str(x) for kv in flags.items() for x in kv), *variant_flags(variant)]
+    # --anneal-lr: these studies annealed (the scripts' default then), so a rerun reproduces them
+    return [
+        sys.executable,
+        script,
+        *(str(x) for kv in flags.items() for x in kv),
+        "--anneal-lr",
+        *variant_flags(variant),
+    ]
 
 
 def steps_per_second(opts, env_id, algo, num_seeds, measure=False):

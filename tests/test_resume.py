@@ -120,7 +120,7 @@ def one_error_line(out):
 
 
 def test_resume_refuses_other_flags_and_extends(run_script, tmp_path):
-    out = run_script("mappo.py", *TINY, "--total-timesteps", 64)
+    out = run_script("mappo.py", *TINY, "--total-timesteps", 64, "--anneal-lr")
     assert out.returncode == 0, out.stderr
     (run_dir,) = run_dirs(tmp_path)
     run_dir = os.path.relpath(run_dir, tmp_path)
