@@ -36,6 +36,10 @@ Calibrate mode (--calibrate) measures the cost of each (task, algo) of --env-ids
 iterations with --num-seeds seeds and no evaluation, the median seconds per iteration after the first, and the
 hours that makes for 5 seeds (study_cost.csv): the plan of a study split across sessions.
 
+The learning-rate control (--learning-rate 1e-3) is the same protocol with that constant rate, on half the
+task's budget: its runs have the exp name study_lr0.001_{algo} and its report (the same files) goes to
+benchmarks/results/study_lr0.001/; compare it with the study's curves at the same env steps.
+
 paper_evaluations.csv is an extract of the MAM paper's per-seed evaluations (the authors' marl-eval fork,
 JemmaLDaniel/marl-eval: concatenated_json_files_lbf/metrics.json and concatenated_json_files_smax/metrics.json at
 commit 52edea2, concatenated_json_files_rware/metrics_new.json at commit fcf270a): the three tasks of ours it
@@ -44,6 +48,7 @@ covers, evaluations up to 3.4M steps, the last one (20M) and the absolute metric
     python benchmarks/study.py --env-ids lbf-2s-10x10-3p-3f --algos mat mam mappo    # train, then report
     python benchmarks/study.py --env-ids rware-tiny-4ag --algos mam --seed 3 --num-seeds 2   # one seed group
     python benchmarks/study.py --report-only                                          # tables and plots
+    python benchmarks/study.py --env-ids rware-tiny-4ag --algos mam mat --learning-rate 1e-3  # the control
 """
 
 import argparse
@@ -132,19 +137,33 @@ def welch_interval(a, b):
 # ----------------------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------------------
-def run_folders(runs_dir, env_id, algo):
-    """The study's run folders of (task, algo) in runs_dir: [(folder, args, complete)], newest first."""
+def budget(opts, env_id):
+    """Env steps per seed: the task's, or half of them in the learning-rate control."""
+    return TASKS[env_id][0] // (2 if opts.learning_rate else 1)
+
+
+def exp_name(opts, algo):
+    return f"study_lr{opts.learning_rate:g}_{algo}" if opts.learning_rate else f"study_{algo}"
+
+
+def out_dir(opts):
+    """Where the report goes: the study's folder, or the learning-rate control's beside it."""
+    return f"{OUT}_lr{opts.learning_rate:g}" if opts.learning_rate else OUT
+
+
+def run_folders(opts, env_id, algo):
+    """The study's run folders of (task, algo) in opts.runs_dir: [(folder, args, complete)], newest first."""
     found = []
-    for name in os.listdir(runs_dir) if os.path.isdir(runs_dir) else []:
-        folder = os.path.join(runs_dir, name)
-        if not name.startswith(f"{env_id}__study_{algo}__"):
+    for name in os.listdir(opts.runs_dir) if os.path.isdir(opts.runs_dir) else []:
+        folder = os.path.join(opts.runs_dir, name)
+        if not name.startswith(f"{env_id}__{exp_name(opts, algo)}__"):
             continue
         try:
             with open(os.path.join(folder, "args.json")) as f:
                 args = json.load(f)
         except (OSError, ValueError):
             continue
-        if args["total_timesteps"] != TASKS[env_id][0]:
+        if args["total_timesteps"] != budget(opts, env_id):
             continue
         complete = os.path.exists(os.path.join(folder, "summary.json"))
         found.append((os.path.getmtime(os.path.join(folder, "args.json")), folder, args, complete))
@@ -153,18 +172,18 @@ def run_folders(runs_dir, env_id, algo):
 
 def train(opts, env_id, algo):
     """Train (or resume) the seed group of (task, algo) unless a complete run of it exists. -> exit code."""
-    steps = TASKS[env_id][0]
+    steps = budget(opts, env_id)
     group = (opts.seed, opts.num_seeds)
-    runs = [
-        (f, c) for f, a, c in run_folders(opts.runs_dir, env_id, algo) if (a["seed"], a["num_seeds"]) == group
-    ]
+    runs = [(f, c) for f, a, c in run_folders(opts, env_id, algo) if (a["seed"], a["num_seeds"]) == group]
     if any(complete for _, complete in runs):
         print(f"skip {env_id} / {algo} / seeds {opts.seed}..{opts.seed + opts.num_seeds - 1}: complete")
         return 0
-    committed = {(int(r["seed"])) for r in read_csv(os.path.join(OUT, "study_evals.csv"))
+    committed = {(int(r["seed"])) for r in read_csv(os.path.join(out_dir(opts), "study_evals.csv"))
                  if (r["env_id"], r["algo"], r["kind"]) == (env_id, algo, "absolute")}  # fmt: skip
     if set(range(opts.seed, opts.seed + opts.num_seeds)) <= committed and not runs:
-        print(f"skip {env_id} / {algo} / seeds {opts.seed}..: complete in {os.path.relpath(OUT, ROOT)}")
+        print(
+            f"skip {env_id} / {algo} / seeds {opts.seed}..: complete in {os.path.relpath(out_dir(opts), ROOT)}"
+        )
         return 0
     script = os.path.join(ROOT, SCRIPTS[algo])
     resumable = [f for f, _ in runs if os.path.exists(os.path.join(f, "checkpoint.msgpack"))]
@@ -178,8 +197,10 @@ def train(opts, env_id, algo):
     else:
         every = steps // BATCH // 10  # 10 evaluations, the last at 100% being the final one
         cmd = [sys.executable, script, "--env-id", env_id, "--total-timesteps", str(steps), "--seed",
-               str(opts.seed), "--num-seeds", str(opts.num_seeds), "--exp-name", f"study_{algo}",
+               str(opts.seed), "--num-seeds", str(opts.num_seeds), "--exp-name", exp_name(opts, algo),
                "--eval-every", str(every), *PROTOCOL]  # fmt: skip
+        if opts.learning_rate:
+            cmd += ["--learning-rate", str(opts.learning_rate)]
     os.makedirs(os.path.join(opts.runs_dir, "study_logs"), exist_ok=True)
     log_path = os.path.join(
         opts.runs_dir, "study_logs", f"{env_id}__{algo}__{opts.seed}_{opts.num_seeds}.log"
@@ -254,7 +275,7 @@ def read_run(env_id, algo, folder, args, complete):
                              success=r4(summary["absolute/success"][k])))  # fmt: skip
     done = int(timing[-1]["global_step"]) if timing else 0
     record = dict(env_id=env_id, algo=algo, seeds=f"{args['seed']}-{args['seed'] + args['num_seeds'] - 1}",
-                  run_dir=os.path.relpath(folder, ROOT), total_timesteps=args["total_timesteps"], steps_done=done,
+                  run_dir=os.path.join("runs", os.path.basename(folder)), total_timesteps=args["total_timesteps"], steps_done=done,
                   hours=round(seconds / 3600, 2), status="complete" if complete else "in progress",
                   agent_ids=args.get("agent_ids", ""), shuffle_agents=args.get("shuffle_agents", ""),
                   anneal_lr=args["anneal_lr"], learning_rate=args["learning_rate"])  # fmt: skip
@@ -268,7 +289,7 @@ def collect(opts):
     for env_id in TASKS:
         for algo in SCRIPTS:
             taken = set()  # seeds read from a newer folder
-            for folder, args, complete in run_folders(opts.runs_dir, env_id, algo):
+            for folder, args, complete in run_folders(opts, env_id, algo):
                 seeds = set(range(args["seed"], args["seed"] + args["num_seeds"]))
                 if seeds & taken:
                     continue
@@ -279,10 +300,10 @@ def collect(opts):
             here |= {(env_id, algo, s) for s in taken}
     evals += [
         r
-        for r in read_csv(os.path.join(OUT, "study_evals.csv"))
+        for r in read_csv(os.path.join(out_dir(opts), "study_evals.csv"))
         if (r["env_id"], r["algo"], int(r["seed"])) not in here
     ]
-    records += [r for r in read_csv(os.path.join(OUT, "study_runs.csv")) if r["run_dir"] not in {x["run_dir"] for x in records}
+    records += [r for r in read_csv(os.path.join(out_dir(opts), "study_runs.csv")) if r["run_dir"] not in {x["run_dir"] for x in records}
                 and not any((r["env_id"], r["algo"], s) in here for s in seeds_of(r))]  # fmt: skip
     for r in evals:  # committed rows are strings
         for k in ("seed", "iteration", "global_step", "episodes"):
@@ -398,10 +419,11 @@ def marl_eval_json(evals):
 
 def report(opts):
     evals, records = collect(opts)
+    out = out_dir(opts)
     if not evals:
-        print(f"no study runs in {opts.runs_dir} or {OUT}")
+        print(f"no study runs in {opts.runs_dir} or {out}")
         return
-    os.makedirs(OUT, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     fields = [
         "env_id",
         "algo",
@@ -413,8 +435,8 @@ def report(opts):
         "episodic_return",
         "success",
     ]
-    write_csv(os.path.join(OUT, "study_evals.csv"), evals, fields)
-    write_csv(os.path.join(OUT, "study_runs.csv"), records)
+    write_csv(os.path.join(out, "study_evals.csv"), evals, fields)
+    write_csv(os.path.join(out, "study_runs.csv"), records)
     finals, curves, gaps, paper = [], [], [], read_paper()
     for env_id, (_, paper_key) in TASKS.items():
         for algo in SCRIPTS:
@@ -443,7 +465,7 @@ def report(opts):
             gaps.append(row)
     for name, rows in [("final", finals), ("curves", curves), ("gap", gaps)]:
         if rows:
-            write_csv(os.path.join(OUT, f"study_{name}.csv"), rows)
+            write_csv(os.path.join(out, f"study_{name}.csv"), rows)
     aggregates = []
     try:
         for kind in ("final", "absolute"):
@@ -452,12 +474,12 @@ def report(opts):
     except ImportError as e:
         print(f"no aggregate: rliable does not import ({e}); pip install -r benchmarks/requirements.txt")
     if aggregates:
-        write_csv(os.path.join(OUT, "study_aggregate.csv"), aggregates)
-    with open(os.path.join(OUT, "study_marl_eval.json"), "w") as f:
+        write_csv(os.path.join(out, "study_aggregate.csv"), aggregates)
+    with open(os.path.join(out, "study_marl_eval.json"), "w") as f:
         json.dump(marl_eval_json(evals), f, indent=1)
     print_tables(finals, gaps, aggregates, records)
-    draw(evals, paper, aggregates)
-    print(f"\nsaved the CSVs, JSON and PNGs in {os.path.relpath(OUT, ROOT)}")
+    draw(opts, evals, paper, aggregates)
+    print(f"\nsaved the CSVs, JSON and PNGs in {os.path.relpath(out, ROOT)}")
 
 
 def fmt(mean, low, high):
@@ -490,7 +512,7 @@ def print_tables(finals, gaps, aggregates, records):
         print(f"- {r['kind']}: {who} = {fmt(r['value'], r['ci_low'], r['ci_high'])} (tasks: {r['tasks']})")
 
 
-def draw(evals, paper, aggregates):
+def draw(opts, evals, paper, aggregates):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -499,7 +521,7 @@ def draw(evals, paper, aggregates):
     tasks = [t for t in TASKS if any(r["env_id"] == t for r in evals)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.2 * len(tasks), 5.5), 3.4), squeeze=False)
     for ax, env_id in zip(axes[0], tasks):
-        steps, paper_key = TASKS[env_id]
+        steps, paper_key = budget(opts, env_id), TASKS[env_id][1]
         for algo in SCRIPTS:
             points = curve(evals, env_id, algo)
             if points:
@@ -519,7 +541,8 @@ def draw(evals, paper, aggregates):
                 mean, low, high, n = zip(*(t_interval(theirs[s]) for s in x))
                 ax.plot(x, mean, color=COLORS[algo], lw=1.2, ls="--", label=f"{algo} (paper, {max(n)} seeds)")
                 ax.fill_between(x, low, high, color=COLORS[algo], alpha=0.08, lw=0)
-        ax.set_title(f"{env_id}", fontsize=10)
+        lr = f", lr {opts.learning_rate:g} (the paper's: 5e-4)" if opts.learning_rate else ""
+        ax.set_title(f"{env_id}{lr}", fontsize=10)
         ax.set_xlabel("env steps (per seed)")
         ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
         ax.grid(alpha=0.3)
@@ -528,7 +551,7 @@ def draw(evals, paper, aggregates):
     fig.text(0.99, 0.01, "mean and t-based 95% CI over seeds; ours: 128 episodes per point, 512 at the end",
              ha="right", va="bottom", fontsize=7, color="gray")  # fmt: skip
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(os.path.join(OUT, "study.png"), dpi=90)
+    fig.savefig(os.path.join(out_dir(opts), "study.png"), dpi=90)
     plt.close(fig)
     rows = [r for r in aggregates if r["metric"] in ("IQM", "mean")]
     if not rows:
@@ -547,7 +570,7 @@ def draw(evals, paper, aggregates):
         ax.set_yticks(range(len(algos)), algos)
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(os.path.join(OUT, "study_aggregate.png"), dpi=90)
+    fig.savefig(os.path.join(out_dir(opts), "study_aggregate.png"), dpi=90)
     plt.close(fig)
 
 
@@ -562,6 +585,9 @@ def main(argv=None):
     parser.add_argument("--algos", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
     parser.add_argument("--seed", type=int, default=1, help="the first seed of the group to train")
     parser.add_argument("--num-seeds", type=int, default=SEEDS, help="seeds of the group (one process)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="the learning-rate control: this constant rate, half the budget, its own runs "
+                             "(exp name study_lr{rate}_{algo}) and report (benchmarks/results/study_lr{rate}/)")  # fmt: skip
     parser.add_argument("--bootstrap-reps", type=int, default=10000, help="resamples of the aggregate's CIs")
     parser.add_argument("--report-only", action="store_true", help="no training: report what is there")
     parser.add_argument("--calibrate", action="store_true",
@@ -575,6 +601,10 @@ def main(argv=None):
     if os.path.basename(os.path.normpath(opts.runs_dir)) != "runs":
         fail(f"--runs-dir must be a folder named runs, as the scripts write to ./runs (got {opts.runs_dir})")
     opts.runs_dir = os.path.abspath(opts.runs_dir)
+    if opts.learning_rate is not None and not (0 < opts.learning_rate < 1):
+        fail(f"--learning-rate {opts.learning_rate}: expected a rate in (0, 1)")
+    if opts.learning_rate and opts.calibrate:
+        fail("--calibrate measures the cost per iteration, which --learning-rate does not change: drop one")
     if opts.calibrate:
         rows = [r for r in read_csv(os.path.join(OUT, "study_cost.csv"))
                 if (r["env_id"], r["algo"]) not in {(e, a) for e in opts.env_ids for a in opts.algos}]  # fmt: skip

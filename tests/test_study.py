@@ -36,13 +36,15 @@ def test_welch_interval_matches_scipy():
     assert (low, high) == pytest.approx((ci.low, ci.high))
 
 
-def write_run(runs, env_id, algo, seed, num_seeds, complete, returns):
-    """A run folder as the scripts write it: 2 iterations per seed of 2048 steps, a periodic evaluation at 1."""
-    folder = runs / f"{env_id}__study_{algo}__{seed}__1"
+def write_run(runs, env_id, algo, seed, num_seeds, complete, returns, lr=None):
+    """A run folder as the scripts write it: a periodic evaluation at iteration 1, the final one at the end. With
+    lr: a run of the learning-rate control (its exp name, half the budget)."""
+    opts = Opts(runs, lr)
+    folder = runs / f"{env_id}__{study.exp_name(opts, algo)}__{seed}__1"
     folder.mkdir(parents=True)
-    args = dict(seed=seed, num_seeds=num_seeds, total_timesteps=study.TASKS[env_id][0], num_envs=16, num_steps=128,
+    args = dict(seed=seed, num_seeds=num_seeds, total_timesteps=study.budget(opts, env_id), num_envs=16, num_steps=128,
                 eval_episodes=128, final_eval_episodes=512, agent_ids=True, shuffle_agents=True, anneal_lr=False,
-                learning_rate=5e-4)  # fmt: skip
+                learning_rate=lr or 5e-4)  # fmt: skip
     (folder / "args.json").write_text(json.dumps(args))
     iterations = args["total_timesteps"] // 2048
     with open(folder / "metrics.csv", "w", newline="") as f:
@@ -63,6 +65,10 @@ def write_run(runs, env_id, algo, seed, num_seeds, complete, returns):
     return folder
 
 
+def Opts(runs, learning_rate=None):
+    return type("Opts", (), dict(runs_dir=str(runs), learning_rate=learning_rate, bootstrap_reps=100))
+
+
 def test_report_reads_the_runs_and_keeps_committed_seeds(tmp_path, monkeypatch):
     out, runs = tmp_path / "out", tmp_path / "runs"
     out.mkdir()
@@ -71,7 +77,7 @@ def test_report_reads_the_runs_and_keeps_committed_seeds(tmp_path, monkeypatch):
     steps = study.TASKS[env_id][0] // 2048 * 2048
     write_run(runs, env_id, "mam", 1, 3, True, [0.8, 0.7, 0.9])
     write_run(runs, env_id, "mat", 1, 5, False, [0.8] * 5)  # in progress: a curve, no final
-    opts = type("Opts", (), dict(runs_dir=str(runs), bootstrap_reps=100))
+    opts = Opts(runs)
     evals, records = study.collect(opts)
     mam = [r for r in evals if r["algo"] == "mam"]
     assert [(r["seed"], r["kind"]) for r in mam] == [
@@ -90,6 +96,28 @@ def test_report_reads_the_runs_and_keeps_committed_seeds(tmp_path, monkeypatch):
     assert sorted(study.complete_seeds(evals, env_id, "mam")) == [1, 2, 3, 4, 5]
     assert len([r for r in evals if r["algo"] == "mam" and r["seed"] == 1]) == 3
     assert "runs/elsewhere" in {r["run_dir"] for r in records}
+
+
+def test_the_learning_rate_control_has_its_own_runs_and_report(tmp_path, monkeypatch):
+    out, runs = tmp_path / "study", tmp_path / "runs"
+    out.mkdir()
+    monkeypatch.setattr(study, "OUT", str(out))
+    env_id = "rware-tiny-4ag"
+    write_run(runs, env_id, "mam", 1, 5, True, [10.0] * 5)
+    write_run(runs, env_id, "mam", 1, 5, True, [20.0] * 5, lr=1e-3)
+    control = Opts(runs, 1e-3)
+    assert study.out_dir(control) == str(tmp_path / "study_lr0.001")
+    assert study.budget(control, env_id) == study.TASKS[env_id][0] // 2
+    for opts, value in [(Opts(runs), 10.0), (control, 20.0)]:
+        evals, records = study.collect(opts)
+        assert [r["episodic_return"] for r in evals if r["kind"] == "final"] == [value] * 5
+        assert [r["learning_rate"] for r in records] == [opts.learning_rate or 5e-4]
+        final = max(r["global_step"] for r in evals)
+        assert final == study.budget(opts, env_id) // 2048 * 2048
+    study.report(control)  # the control's files go to its own folder; the study's stay untouched
+    assert (tmp_path / "study_lr0.001" / "study_final.csv").exists() and not (
+        out / "study_final.csv"
+    ).exists()
 
 
 def test_marl_eval_json_layout():
