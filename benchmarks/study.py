@@ -316,7 +316,8 @@ def collect(opts):
         r["kind"] == "absolute",
         r["global_step"],
     )
-    return sorted(evals, key=order), records
+    by_run = lambda r: (list(TASKS).index(r["env_id"]), list(SCRIPTS).index(r["algo"]), seeds_of(r)[0])
+    return sorted(evals, key=order), sorted(records, key=by_run)
 
 
 def seeds_of(record):
