@@ -529,7 +529,12 @@ def draw(opts, evals, paper, aggregates):
                 x = np.array(list(points))
                 mean, low, high, n = zip(*(t_interval(v) for v in points.values()))
                 ax.plot(
-                    x, mean, color=COLORS[algo], lw=1.6, marker=".", label=f"{algo} (ours, {max(n)} seeds)"
+                    x,
+                    mean,
+                    color=COLORS[algo],
+                    lw=1.6,
+                    marker=".",
+                    label=f"{algo} (ours, {max(n)} seed{'s' * (max(n) > 1)})",
                 )
                 ax.fill_between(x, low, high, color=COLORS[algo], alpha=0.2, lw=0)
             theirs = {
