@@ -128,3 +128,34 @@ def test_marl_eval_json_layout():
     assert run["step_0"] == {"step_count": 98304, "mean_episode_return": [0.3]}
     assert run["step_1"] == {"step_count": 999424, "mean_episode_return": [0.8]}
     assert run["absolute_metrics"] == {"mean_episode_return": [0.82]}
+
+
+def test_the_control_trains_with_its_rate_and_half_the_budget(tmp_path, monkeypatch):
+    commands = []
+
+    class Popen:  # records the script's command line instead of training
+        def __init__(self, cmd, **kwargs):
+            commands.append(cmd)
+            self.stdout = []
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(study, "OUT", str(tmp_path / "study"))
+    monkeypatch.setattr(study.subprocess, "Popen", Popen)
+    for lr in (None, 1e-3):
+        opts = Opts(tmp_path / "runs", lr)
+        opts.seed, opts.num_seeds = 2, 1
+        assert study.train(opts, "rware-tiny-4ag", "mat") == 0
+    study_cmd, control_cmd = commands
+    flag = lambda cmd, name: cmd[cmd.index(name) + 1] if name in cmd else None
+    assert flag(study_cmd, "--learning-rate") is None and flag(control_cmd, "--learning-rate") == "0.001"
+    assert (
+        flag(study_cmd, "--total-timesteps") == "3000000"
+        and flag(control_cmd, "--total-timesteps") == "1500000"
+    )
+    assert (
+        flag(study_cmd, "--exp-name") == "study_mat"
+        and flag(control_cmd, "--exp-name") == "study_lr0.001_mat"
+    )
+    assert flag(control_cmd, "--eval-every") == str(1_500_000 // 2048 // 10)
